@@ -1,0 +1,241 @@
+"""Typed view of params.yaml: one frozen dataclass per section, loaded once.
+
+Unknown keys and wrong types are errors that name the key, because a typo in params.yaml
+(`train.epoch: 10`) would otherwise be ignored silently and the run would use a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed, or holds an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Paths:
+    manifest: str = "data/interim/manifest.csv"
+    accepted: str = "data/interim/accepted.csv"
+    split: str = "data/interim/split.csv"
+    shards: str = "data/shards"
+    rebalance: str = "data/rebalance"
+    model: str = "models/model.keras"
+    reports: str = "reports"
+    data_quality: str = "reports/data_quality"
+
+
+@dataclass(frozen=True)
+class Ingest:
+    source: str = "data/raw/fashion-mnist"
+    layout: str = "auto"
+    labels_csv: str = "labels.csv"
+
+    def check(self) -> None:
+        _one_of("ingest.layout", self.layout, ("auto", "folders", "csv", "idx"))
+
+
+@dataclass(frozen=True)
+class Validate:
+    min_width: int = 8
+    min_height: int = 8
+    max_width: int = 8192
+    max_height: int = 8192
+    allowed_channels: tuple[int, ...] = (1, 3, 4)
+    min_images_per_class: int = 10
+    max_quarantined_fraction: float = 0.05
+
+    def check(self) -> None:
+        if not 0.0 <= self.max_quarantined_fraction <= 1.0:
+            raise ParamsError("validate.max_quarantined_fraction must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class Split:
+    method: str = "hash"
+    test_buckets: tuple[int, int] = (0, 25)
+    val_buckets: tuple[int, int] = (26, 51)
+    balance: bool = True
+    max_train_per_class: int = 0
+
+    def check(self) -> None:
+        _one_of("split.method", self.method, ("hash", "source"))
+        for name in ("test_buckets", "val_buckets"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 255:
+                raise ParamsError(f"split.{name} must be [first, last] with 0 <= first <= last <= 255, got {[lo, hi]}")
+        (t0, t1), (v0, v1) = self.test_buckets, self.val_buckets
+        if t0 <= v1 and v0 <= t1:
+            raise ParamsError(f"split.test_buckets {[t0, t1]} and split.val_buckets {[v0, v1]} overlap")
+        if self.max_train_per_class < 0:
+            raise ParamsError("split.max_train_per_class must be >= 0 (0 = no cap)")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    colour_mode: str = "grey"
+    blur_kernel: int = 0
+    otsu: bool = False
+    size: tuple[int, int] = (32, 32)
+    normalization: str = "unit"
+    standardize_scope: str = "dataset"
+    images_per_shard: int = 2048
+
+    def check(self) -> None:
+        _one_of("preprocess.colour_mode", self.colour_mode, ("grey", "rgb"))
+        _one_of("preprocess.normalization", self.normalization, ("none", "unit", "minmax", "standardize"))
+        _one_of("preprocess.standardize_scope", self.standardize_scope, ("sample", "dataset"))
+        if self.blur_kernel < 0 or (self.blur_kernel and self.blur_kernel % 2 == 0):
+            raise ParamsError(f"preprocess.blur_kernel must be 0 (off) or an odd number, got {self.blur_kernel}")
+        if self.otsu and self.colour_mode != "grey":
+            raise ParamsError("preprocess.otsu needs preprocess.colour_mode: grey (Otsu thresholds one channel)")
+        if min(self.size) < 1:
+            raise ParamsError(f"preprocess.size must be two positive numbers [height, width], got {list(self.size)}")
+        if self.images_per_shard < 1:
+            raise ParamsError("preprocess.images_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    method: str = "none"
+
+    def check(self) -> None:
+        _one_of("rebalance.method", self.method, ("none", "oversample", "undersample", "class_weight"))
+
+
+@dataclass(frozen=True)
+class Train:
+    backbone: str = "mobilenet"
+    alpha: float = 0.25
+    weights: str = "imagenet"
+    backbone_size: int = 96
+    dropout: float = 0.2
+    epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    shuffle_buffer: int = 4096
+
+    def check(self) -> None:
+        _one_of("train.backbone", self.backbone, ("mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16"))
+        if self.backbone_size < 32:
+            raise ParamsError(f"train.backbone_size must be >= 32 (the backbones' minimum), got {self.backbone_size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ParamsError("train.epochs and train.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    max_misclassified: int = 200
+
+
+@dataclass(frozen=True)
+class Params:
+    base: Base = field(default_factory=Base)
+    paths: Paths = field(default_factory=Paths)
+    ingest: Ingest = field(default_factory=Ingest)
+    validate: Validate = field(default_factory=Validate)
+    split: Split = field(default_factory=Split)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    rebalance: Rebalance = field(default_factory=Rebalance)
+    train: Train = field(default_factory=Train)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _convert(key: str, value, tp):
+    """Check `value` against the annotation `tp` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ParamsError(f"{key} must have {len(args)} items, got {list(value)}")
+        return tuple(_convert(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        raise ParamsError(f"{key}: union types are not supported in params")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key} must be a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return "none"
+        if not isinstance(value, str):
+            raise ParamsError(f"{key} must be text, got {value!r}")
+        return value
+    raise ParamsError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{prefix or 'params.yaml'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ParamsError(f"unknown key '{where}'{hint}; known keys: {', '.join(sorted(known))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, data[f.name], key)
+        else:
+            values[f.name] = _convert(key, data[f.name], tp)
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check()
+    return obj
+
+
+def params_from_dict(data: dict) -> Params:
+    """Build typed params from a parsed params.yaml; raises ParamsError naming the bad key."""
+    return _build(Params, data, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return params_from_dict(data or {})
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
