@@ -69,6 +69,7 @@ class Split:
     val_buckets: tuple[int, int] = (26, 51)
     balance: bool = True
     max_train_per_class: int = 0
+    max_val_per_class: int = 0
 
     def check(self) -> None:
         _one_of("split.method", self.method, ("hash", "source"))
@@ -79,8 +80,8 @@ class Split:
         (t0, t1), (v0, v1) = self.test_buckets, self.val_buckets
         if t0 <= v1 and v0 <= t1:
             raise ParamsError(f"split.test_buckets {[t0, t1]} and split.val_buckets {[v0, v1]} overlap")
-        if self.max_train_per_class < 0:
-            raise ParamsError("split.max_train_per_class must be >= 0 (0 = no cap)")
+        if self.max_train_per_class < 0 or self.max_val_per_class < 0:
+            raise ParamsError("split.max_train_per_class and split.max_val_per_class must be >= 0 (0 = no cap)")
 
 
 @dataclass(frozen=True)

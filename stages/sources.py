@@ -1,0 +1,273 @@
+"""Raw-data sources: where the images are and what label each one has.
+
+Three layouts, detected from the folder (or forced with `ingest.layout`):
+
+- `folders`: `<source>/<class>/**/<image>`; or `<source>/{train,val,test}/<class>/...`, in which
+  case the split each image came with is recorded.
+- `csv`: `<source>/<labels_csv>` with a header and rows `<file or id>,<label>`; the first column
+  is a path relative to the source folder or a file name without its extension (an id, as in
+  `objectId,value`).
+- `idx`: MNIST-style `<prefix>-images-idx3-ubyte[.gz]` + `<prefix>-labels-idx1-ubyte[.gz]` pairs;
+  prefix `train` is the train split, `t10k`/`test` the test split. An optional `classes.txt`
+  (one name per line, line i = label i) names the numeric labels.
+
+A `Source` lists records (path, label, split) without reading pixels, and reads one image's
+bytes on demand, so nothing holds the dataset in memory. IDX files are decompressed once to a
+temporary file and memory-mapped: any image is then one slice away.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(?P<gz>\.gz)?$")
+IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
+IDX_REF = "#"  # an IDX image's path is "<images file>#<index>"
+
+
+class SourceError(ValueError):
+    """The source folder or its labels file cannot be read as any supported layout."""
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str  # relative to the source folder, with forward slashes
+    label: str  # class name; empty when the source gives none (the image is then quarantined)
+    source_split: str  # train | val | test | "" (no split given by the source)
+    problem: str = ""  # a reason the file must not be read (e.g. a link leaving the source)
+
+
+def detect_layout(root: Path, labels_csv: str) -> str:
+    if not root.is_dir():
+        raise SourceError(f"ingest.source {root} does not exist or is not a folder")
+    if any(IDX_IMAGES.match(p.name) for p in root.iterdir() if p.is_file()):
+        return "idx"
+    if (root / labels_csv).is_file():
+        return "csv"
+    return "folders"
+
+
+class Source:
+    def __init__(self, root: str | Path, layout: str = "auto", labels_csv: str = "labels.csv"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SourceError(f"ingest.source {self.root} does not exist or is not a folder")
+        self.labels_csv = labels_csv
+        self.layout = detect_layout(self.root, labels_csv) if layout == "auto" else layout
+        self._tmp: str | None = None
+        self._idx: dict[str, np.ndarray] = {}  # images file name -> memmap [n, h, w]
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def records(self) -> Iterator[Record]:
+        if self.layout == "folders":
+            yield from self._folder_records()
+        elif self.layout == "csv":
+            yield from self._csv_records()
+        elif self.layout == "idx":
+            yield from self._idx_records()
+        else:
+            raise SourceError(f"unknown layout {self.layout!r}")
+
+    def _files(self, folder: Path) -> Iterator[Path]:
+        """Every non-hidden file below `folder`, in a fixed (sorted) order."""
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    yield Path(dirpath) / name
+
+    def _record(self, file: Path, label: str, split: str) -> Record:
+        rel = file.relative_to(self.root).as_posix()
+        problem = ""
+        if file.is_symlink():
+            target = file.resolve()
+            if not target.is_relative_to(self.root.resolve()):
+                problem = f"symbolic link to {target}, outside the source folder"
+        return Record(rel, label, split, problem)
+
+    def _folder_records(self) -> Iterator[Record]:
+        top = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+        split_layout = bool(top) and all(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in top)
+        for entry in top:
+            if entry.is_file():  # an image outside any class folder has no label
+                yield self._record(entry, "", "")
+            elif split_layout:
+                split = SPLIT_FOLDERS[entry.name.lower()]
+                for class_dir in sorted(p for p in entry.iterdir() if not p.name.startswith(".")):
+                    if class_dir.is_file():
+                        yield self._record(class_dir, "", split)
+                    else:
+                        for file in self._files(class_dir):
+                            yield self._record(file, class_dir.name, split)
+            else:
+                for file in self._files(entry):
+                    yield self._record(file, entry.name, "")
+
+    def _csv_records(self) -> Iterator[Record]:
+        labels = read_labels_csv(self.root, self.labels_csv)
+        by_stem: dict[str, list[Path]] = {}
+        csv_file = (self.root / self.labels_csv).resolve()
+        files = [f for f in self._files(self.root) if f.resolve() != csv_file]
+        for f in files:
+            by_stem.setdefault(f.stem, []).append(f)
+        resolved: dict[str, str] = {}
+        for line, (key, label) in labels.items():
+            file = self.root / key
+            if not file.is_file():
+                matches = by_stem.get(key, [])
+                if len(matches) > 1:
+                    names = ", ".join(m.relative_to(self.root).as_posix() for m in matches[:3])
+                    raise SourceError(f"{self.labels_csv} line {line}: id {key!r} matches several files ({names})")
+                if not matches:
+                    raise SourceError(f"{self.labels_csv} line {line}: {key!r} names no file in {self.root}")
+                file = matches[0]
+            rel = file.relative_to(self.root).as_posix()
+            if rel in resolved and resolved[rel] != label:
+                raise SourceError(
+                    f"{self.labels_csv} line {line}: {rel!r} is labelled {label!r} here and {resolved[rel]!r} earlier"
+                )
+            resolved[rel] = label
+        for f in files:  # files the CSV does not name are inputs too: listed without a label
+            rel = f.relative_to(self.root).as_posix()
+            yield self._record(f, resolved.get(rel, ""), "")
+
+    def _idx_records(self) -> Iterator[Record]:
+        names = _class_names(self.root)
+        for images_file in sorted(p for p in self.root.iterdir() if IDX_IMAGES.match(p.name)):
+            m = IDX_IMAGES.match(images_file.name)
+            labels_file = self._labels_file_for(m.group("prefix"))
+            labels = _read_idx(labels_file, expected_dims=1)
+            count = self._images(images_file.name).shape[0]
+            if len(labels) != count:
+                raise SourceError(f"{labels_file.name} has {len(labels)} labels but {images_file.name} has {count} images")
+            split = IDX_SPLITS.get(m.group("prefix").lower(), "")
+            for i, value in enumerate(labels):
+                label = names[value] if names and value < len(names) else str(int(value))
+                yield Record(f"{images_file.name}{IDX_REF}{i}", label, split)
+
+    def _labels_file_for(self, prefix: str) -> Path:
+        for name in (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"):
+            if (self.root / name).is_file():
+                return self.root / name
+        raise SourceError(f"{self.root}: no labels file for {prefix}-images (expected {prefix}-labels-idx1-ubyte[.gz])")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_bytes(self, path: str) -> bytes:
+        """The bytes that identify an image: the file, or for IDX the image's raw pixels."""
+        if self.layout == "idx":
+            return self.read_idx_pixels(path).tobytes()
+        return (self.root / path).read_bytes()
+
+    def read_idx_pixels(self, path: str) -> np.ndarray:
+        name, _, index = path.rpartition(IDX_REF)
+        return np.asarray(self._images(name)[int(index)])
+
+    def _images(self, name: str) -> np.ndarray:
+        if name not in self._idx:
+            if self._tmp is None:
+                self._tmp = tempfile.mkdtemp(prefix="idx-")
+            self._idx[name] = _memmap_idx(self.root / name, Path(self._tmp), expected_dims=3)
+        return self._idx[name]
+
+    def close(self) -> None:
+        self._idx.clear()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:
+    """Rows of the labels CSV as {line number: (file or id, label)}; errors name the line."""
+    path = root / name
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); save the labels file as UTF-8") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read labels file: {exc.strerror}") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise SourceError(f"{path}: empty labels file (expected a header, then `<file or id>,<label>` rows)")
+    out: dict[int, tuple[str, str]] = {}
+    seen: dict[str, tuple[int, str]] = {}
+    root_resolved = root.resolve()
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise SourceError(f"{path} line {line}: expected `<file or id>,<label>`, got {','.join(row)!r}")
+        key, label = row[0].strip(), row[1].strip()
+        if Path(key).is_absolute() or not (root / key).resolve().is_relative_to(root_resolved):
+            raise SourceError(f"{path} line {line}: {key!r} points outside the source folder")
+        if key in seen:
+            first_line, first_label = seen[key]
+            if first_label != label:
+                raise SourceError(
+                    f"{path} line {line}: {key!r} labelled {label!r}, but line {first_line} labels it {first_label!r}"
+                )
+            continue  # the same row twice says nothing new
+        seen[key] = (line, label)
+        out[line] = (key, label)
+    return out
+
+
+def _class_names(root: Path) -> list[str]:
+    path = root / "classes.txt"
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _idx_header(fh, path: Path, expected_dims: int) -> tuple[int, ...]:
+    magic = fh.read(4)
+    if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08:
+        raise SourceError(f"{path.name}: not an unsigned-byte IDX file (magic {magic.hex()})")
+    if magic[3] != expected_dims:
+        raise SourceError(f"{path.name}: IDX file has {magic[3]} dimensions, expected {expected_dims}")
+    return struct.unpack(f">{expected_dims}I", fh.read(4 * expected_dims))
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    with _open(path) as fh:
+        dims = _idx_header(fh, path, expected_dims)
+        data = np.frombuffer(fh.read(), dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise SourceError(f"{path.name}: truncated IDX file ({data.size} values, header says {int(np.prod(dims))})")
+    return data.reshape(dims)
+
+
+def _memmap_idx(path: Path, tmp: Path, expected_dims: int) -> np.ndarray:
+    """Decompress an IDX file to `tmp` in chunks and memory-map its values."""
+    with _open(path) as fh:
+        dims = _idx_header(fh, path, expected_dims)
+        raw = tmp / (path.name + ".raw")
+        with open(raw, "wb") as out:
+            shutil.copyfileobj(fh, out, length=1 << 20)
+    size = raw.stat().st_size
+    if size != int(np.prod(dims)):
+        raise SourceError(f"{path.name}: truncated IDX file ({size} values, header says {int(np.prod(dims))})")
+    return np.memmap(raw, dtype=np.uint8, mode="r", shape=dims)
