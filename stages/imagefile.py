@@ -53,6 +53,11 @@ def decode(data: bytes) -> Decoded:
         return Decoded(None, "empty file (0 bytes)")
     if fmt == "unknown":
         return Decoded(None, "not an image (no known image signature in the first bytes)")
+    # OpenCV decodes a cut-off JPEG or PNG without complaint (the rest is grey): check the end marker
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-1024:]:
+        return Decoded(None, "truncated jpeg (no end-of-image marker)")
+    if fmt == "png" and b"IEND" not in data[-64:]:
+        return Decoded(None, "truncated png (no IEND chunk)")
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV raises on some malformed headers instead of returning None

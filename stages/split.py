@@ -100,7 +100,7 @@ def cap(frame: pd.DataFrame, split: pd.Series, name: str, limit: int) -> pd.Seri
 
 def assign(frame: pd.DataFrame, p: Split) -> pd.DataFrame:
     """The accepted manifest with `bucket` and `split` columns: the pure core of the stage."""
-    out = frame.copy()
+    out = frame.reset_index(drop=True)
     out["bucket"] = out["id"].map(bucket)
     classes = sorted(out["label"].unique())
     if p.method == "hash":
