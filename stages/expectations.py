@@ -1,0 +1,185 @@
+"""The Great Expectations suites of the validate stage, and how they run.
+
+Three tables, one suite each, so the Data Docs show a reviewer where a problem sits:
+
+    image_manifest   every input row, with the quarantine rule the stage gave it (or none)
+    accepted_images  the rows that pass: cross-checks the stage's own per-row rules
+    class_counts     one row per known class with its number of accepted images
+
+Every expectation carries `meta={"critical": ...}`: a failed critical one fails the stage, a
+failed warning is only reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
+
+from stages.params import Validate
+
+SITE = "data_quality"
+# offending rows quoted per failed expectation in the error message
+EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the suite's name in the report
+    frame: pd.DataFrame
+    key: str  # the column that names a row in examples
+    noun: str  # what one row is, for messages ("images", "classes")
+    notes: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One expectation's result, in plain values."""
+
+    table: str
+    noun: str  # what one row of the table is
+    expectation: str  # the GX type, e.g. expect_column_values_to_be_unique
+    column: str
+    description: str
+    critical: bool
+    success: bool
+    element_count: int
+    unexpected_count: int
+    examples: tuple[str, ...]  # a few offending rows, e.g. "cats/a.jpg (unreadable)"
+
+
+def tables(manifest: pd.DataFrame, accepted: pd.DataFrame, classes: pd.DataFrame) -> list[Table]:
+    """`manifest` carries a `quarantine_reason` column: the rule that quarantined the row, or empty.
+
+    The rule, not the full reason text ("duplicate of <path>"), so that the report's table of
+    unexpected values counts rows per kind of problem.
+    """
+    return [
+        Table("image_manifest", manifest, "path", "images",
+              "Every file the ingest stage found, with the reason it was quarantined (if it was)."),
+        Table("accepted_images", accepted, "path", "images",
+              "The images that passed the per-image checks: what the next stages train on."),
+        Table("class_counts", classes, "label", "classes",
+              "One row per class named in the manifest, with its number of accepted images."),
+    ]
+
+
+def suites(rules: Validate, labels: list[str]) -> dict[str, list[gxe.Expectation]]:
+    """The expectations of each table, in report order."""
+    # "mostly" is the share of rows that must pass: 1 - the share allowed to be quarantined
+    mostly = 1.0 - rules.max_quarantined_fraction
+    return {
+        "image_manifest": [
+            gxe.ExpectColumnValuesToBeNull(
+                column="quarantine_reason", mostly=mostly, meta={"critical": True},
+                description=f"At most {rules.max_quarantined_fraction:.1%} of the images are quarantined"),
+            # a warning: it fails only together with the check above, which already gates
+            gxe.ExpectColumnValuesToBeNull(
+                column="error", mostly=mostly, meta={"critical": False},
+                description="Images decode (the unexpected values are the decode errors)"),
+        ],
+        "accepted_images": [
+            gxe.ExpectColumnValuesToBeUnique(
+                column="id", meta={"critical": True},
+                description="No image is accepted twice (same bytes)"),
+            gxe.ExpectColumnValuesToNotBeNull(
+                column="label", meta={"critical": True}, description="Every accepted image has a label"),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="label", value_set=labels, meta={"critical": True},
+                description="Labels are among the known classes"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="width", min_value=rules.min_width, max_value=rules.max_width, meta={"critical": True},
+                description=f"Width is between {rules.min_width} and {rules.max_width} pixels"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="height", min_value=rules.min_height, max_value=rules.max_height, meta={"critical": True},
+                description=f"Height is between {rules.min_height} and {rules.max_height} pixels"),
+            gxe.ExpectColumnValuesToBeInSet(
+                column="channels", value_set=list(rules.allowed_channels), meta={"critical": True},
+                description=f"Channels are one of {', '.join(map(str, rules.allowed_channels))}"),
+        ],
+        "class_counts": [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="accepted", min_value=rules.min_images_per_class, meta={"critical": True},
+                description=f"Every class has at least {rules.min_images_per_class} accepted images"),
+        ],
+    }
+
+
+def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path) -> list[Outcome]:
+    """Validate each table against its suite and write the Data Docs site into `site_dir`."""
+    # GX logs its set-up at INFO, which would bury the stage's own log lines
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        # in memory: the stage keeps no GX state between runs, only the HTML report
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites={SITE: {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(Path(site_dir).resolve())},
+        }},
+        analytics_enabled=False,
+        # GX's progress bars would fill the DVC log with carriage returns
+        progress_bars=ProgressBarsConfig(globally=False),
+    ))
+    source = context.data_sources.add_pandas("validate")
+    outcomes: list[Outcome] = []
+    for table in tables:
+        batch = source.add_dataframe_asset(table.name).add_batch_definition_whole_dataframe(table.name)
+        suite = context.suites.add(
+            gx.ExpectationSuite(name=table.name, expectations=suites[table.name], notes=table.notes))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=table.name, data=batch, suite=suite))
+        # one checkpoint per table: a checkpoint passes the same dataframe to all its validations
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=table.name,
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=[SITE])],
+            # SUMMARY: counts and the first few offending rows, named by `key`, never full lists
+            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [table.key]},
+        ))
+        result = checkpoint.run(batch_parameters={"dataframe": table.frame})
+        for suite_result in result.run_results.values():
+            outcomes += [_outcome(table, r) for r in suite_result.results]
+    return outcomes
+
+
+def _outcome(table: Table, result) -> Outcome:
+    config = result.expectation_config
+    column = config.kwargs["column"]
+    error = _error(result.exception_info)
+    if error:
+        # a suite that cannot run (a missing column, say) is a bug here, not a problem in the data
+        raise RuntimeError(f"great expectations could not evaluate {config.type} on {table.name}.{column}: {error}")
+    found = result.result
+    return Outcome(
+        table=table.name,
+        noun=table.noun,
+        expectation=config.type,
+        column=column,
+        description=config.description,
+        critical=bool(config.meta["critical"]),
+        success=bool(result.success),
+        element_count=int(found["element_count"]),
+        unexpected_count=int(found["unexpected_count"]),
+        examples=tuple(f"{row[table.key]} ({row[column]})"
+                       for row in found.get("partial_unexpected_index_list", [])[:EXAMPLES]),
+    )
+
+
+def _error(info: dict) -> str | None:
+    """GX's error message, if any: at the top of `exception_info`, or nested per metric."""
+    for entry in [info, *(v for v in info.values() if isinstance(v, dict))]:
+        if entry.get("raised_exception") or entry.get("exception_message"):
+            return entry.get("exception_message") or "unknown error"
+    return None

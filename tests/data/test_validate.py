@@ -1,0 +1,282 @@
+"""The validate stage: per-image quarantine rules, the Great Expectations gate, its outputs.
+
+Real pandas, real Great Expectations, tiny manifests written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from stages import validate  # noqa: E402
+from stages.cli import StageError  # noqa: E402
+from stages.params import params_from_dict  # noqa: E402
+
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+def row(n: int, label: str = "cat", **fields) -> dict:
+    """A good 28x28 grey PNG row; `fields` override any column."""
+    return {"id": f"{n:040x}", "label": label, "path": f"{label}/{n}.png", "source_split": "", "format": "png",
+            "width": "28", "height": "28", "channels": "1", "bit_depth": "8", "bytes": "300", "error": "",
+            **fields}
+
+
+def good(label: str, count: int, start: int) -> list[dict]:
+    return [row(start + i, label) for i in range(count)]
+
+
+def write_manifest(folder, rows: list[dict]):
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=validate.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def params(tmp_path, **rules):
+    return params_from_dict({
+        "paths": {"manifest": str(tmp_path / "manifest.csv"), "accepted": str(tmp_path / "accepted.csv"),
+                  "data_quality": str(tmp_path / "dq")},
+        "validate": rules,
+    })
+
+
+def triage(tmp_path, rows: list[dict], **rules) -> validate.Triage:
+    manifest = validate.read_manifest(write_manifest(tmp_path, rows))
+    return validate.triage(manifest, params(tmp_path, **rules).validate)
+
+
+def reasons(result: validate.Triage) -> dict[str, str]:
+    return dict(zip(result.quarantine["path"], result.quarantine["reason"]))
+
+
+# --- per-image rules (pure core) -------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"error": "cannot decode: truncated or corrupt jpeg", "width": "", "height": "", "channels": "",
+      "bit_depth": ""}, "cannot decode: truncated or corrupt jpeg"),
+    ({"error": "empty file", "format": "unknown", "width": "", "height": "", "channels": "", "bit_depth": "",
+      "bytes": "0"}, "empty file"),
+    ({"width": "", "height": "", "channels": ""}, "not decoded: the manifest has no size or channel count for it"),
+    ({"label": ""}, "no label"),
+    ({"label": "   "}, "no label"),
+    ({"width": "4"}, "too small: 4x28 pixels, minimum 8x8"),
+    ({"height": "7"}, "too small: 28x7 pixels, minimum 8x8"),
+    ({"width": "9000", "height": "100"}, "too large: 9000x100 pixels, maximum 8192x8192"),
+    ({"channels": "2"}, "unsupported channel count 2 (allowed: 1, 3, 4)"),
+])
+def test_each_rule_quarantines_with_its_reason(tmp_path, fields, reason):
+    bad = row(99, path="bad.png", **fields)
+    result = triage(tmp_path, [*good("cat", 3, 0), bad])
+    assert reasons(result) == {"bad.png": reason}
+    assert list(result.quarantine["detail"]) == [f"id={bad['id']}"]
+    assert list(result.accepted["path"]) == ["cat/0.png", "cat/1.png", "cat/2.png"]
+
+
+def test_first_rule_that_applies_wins(tmp_path):
+    result = triage(tmp_path, [row(0, label="", error="not an image", width="", height="", channels="")])
+    assert list(result.quarantine["reason"]) == ["not an image"]
+    assert list(result.quarantine["rule"]) == ["unreadable"]
+
+
+def test_bounds_come_from_params(tmp_path):
+    rows = [row(0, width="20"), row(1, channels="3"), row(2)]
+    result = triage(tmp_path, rows, min_width=24, allowed_channels=[1])
+    assert reasons(result) == {"cat/0.png": "too small: 20x28 pixels, minimum 24x8",
+                               "cat/1.png": "unsupported channel count 3 (allowed: 1)"}
+
+
+def test_duplicate_under_same_label_keeps_the_first(tmp_path):
+    rows = [row(0, path="x/first.png", id=SHA_A), row(1), row(2, path="x/second.png", id=SHA_A),
+            row(3, path="x/third.png", id=SHA_A)]
+    result = triage(tmp_path, rows)
+    assert list(result.accepted["path"]) == ["x/first.png", "cat/1.png"]
+    assert reasons(result) == {"x/second.png": "duplicate of x/first.png", "x/third.png": "duplicate of x/first.png"}
+    assert set(result.quarantine["detail"]) == {f"id={SHA_A}"}
+
+
+def test_a_bad_copy_does_not_push_out_a_good_one(tmp_path):
+    # the first copy has no label: the second, labelled copy is the one to keep
+    rows = [row(0, label="", path="unlabelled.png", id=SHA_A), row(1, path="labelled.png", id=SHA_A)]
+    result = triage(tmp_path, rows)
+    assert list(result.accepted["path"]) == ["labelled.png"]
+    assert reasons(result) == {"unlabelled.png": "no label"}
+
+
+def test_label_conflict_quarantines_every_copy(tmp_path):
+    rows = [row(0, "dog", path="a.png", id=SHA_B), row(1, "cat", path="b.png", id=SHA_B),
+            row(2, "cat", path="c.png", id=SHA_B), row(3, "bird", path="d.png", id=SHA_A),
+            row(4, "cat", path="e.png", id=SHA_A), row(5, "dog", path="f.png", id=SHA_A), row(6, "cat")]
+    result = triage(tmp_path, rows)
+    assert list(result.accepted["path"]) == ["cat/6.png"]
+    assert reasons(result) == {
+        **{p: "label conflict: same image labelled cat and dog" for p in ("a.png", "b.png", "c.png")},
+        **{p: "label conflict: same image labelled bird, cat and dog" for p in ("d.png", "e.png", "f.png")},
+    }
+    assert list(result.quarantine["detail"]) == [f"id={SHA_B}"] * 3 + [f"id={SHA_A}"] * 3
+
+
+def test_labels_stay_text(tmp_path):
+    # "0", "NA" and "None" are class names, not numbers or missing values
+    rows = [row(0, "0"), row(1, "NA"), row(2, "None"), row(3, "10")]
+    result = triage(tmp_path, rows)
+    assert result.quarantine.empty
+    assert list(result.classes["label"]) == ["0", "10", "NA", "None"]
+    assert list(result.accepted["label"]) == ["0", "NA", "None", "10"]
+
+
+def test_class_whose_images_are_all_quarantined_counts_zero(tmp_path):
+    rows = [row(0, "cat"), row(1, "dog", width="2")]
+    result = triage(tmp_path, rows)
+    assert dict(zip(result.classes["label"], result.classes["accepted"])) == {"cat": 1, "dog": 0}
+
+
+def test_unreadable_manifest_is_a_stage_error(tmp_path):
+    with pytest.raises(StageError, match="manifest not found"):
+        validate.read_manifest(tmp_path / "nope.csv")
+    (tmp_path / "m.csv").write_text("id,label,path\nabc,cat,a.png\n")
+    with pytest.raises(StageError, match="lacks column.*source_split"):
+        validate.read_manifest(tmp_path / "m.csv")
+    write_manifest(tmp_path, [row(0, width="wide")])
+    with pytest.raises(StageError, match="not a readable manifest"):
+        validate.read_manifest(tmp_path / "manifest.csv")
+    write_manifest(tmp_path, [])
+    with pytest.raises(StageError, match="no rows"):
+        validate.read_manifest(tmp_path / "manifest.csv")
+
+
+# --- the stage: GX suite, outputs, gate ------------------------------------------------------
+
+def run_stage(tmp_path, rows: list[dict], **rules) -> str | None:
+    """Run the stage; the StageError message when it fails, else None."""
+    write_manifest(tmp_path, rows)
+    try:
+        validate.run(params(tmp_path, **rules))
+    except StageError as exc:
+        return str(exc)
+    return None
+
+
+def outputs(tmp_path):
+    summary = json.loads((tmp_path / "dq" / "summary.json").read_text())
+    quarantine = pd.read_csv(tmp_path / "dq" / "quarantine.csv", dtype=str, keep_default_na=False)
+    return summary, quarantine
+
+
+# 10 cats, 10 dogs, one corrupt file: 1 of 21 quarantined (4.8%) is under the 5% default
+CLEAN = [*good("cat", 10, 0), *good("dog", 10, 100),
+         row(200, "dog", path="dog/broken.jpg", format="jpeg", width="", height="", channels="", bit_depth="",
+             error="cannot decode: truncated or corrupt jpeg")]
+
+
+def test_clean_run_writes_every_output(tmp_path):
+    assert run_stage(tmp_path, CLEAN) is None
+    summary, quarantine = outputs(tmp_path)
+
+    assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (21, 20, 1)
+    assert summary["inputs"] == summary["ingested"] + summary["quarantined"]
+    assert summary["classes"] == {"cat": 10, "dog": 10}
+    assert summary["quarantine_reasons"] == {"unreadable": 1, "no label": 0, "too small": 0, "too large": 0,
+                                             "channel count": 0, "label conflict": 0, "duplicate": 0}
+    assert summary["success"] is True
+    results = summary["expectations"]["results"]
+    assert summary["expectations"] == {"passed": 9, "failed": 0, "results": results}
+    assert [(r["table"], r["expectation"], r["column"], r["critical"]) for r in results] == [
+        ("image_manifest", "expect_column_values_to_be_null", "quarantine_reason", True),
+        ("image_manifest", "expect_column_values_to_be_null", "error", False),
+        ("accepted_images", "expect_column_values_to_be_unique", "id", True),
+        ("accepted_images", "expect_column_values_to_not_be_null", "label", True),
+        ("accepted_images", "expect_column_values_to_be_in_set", "label", True),
+        ("accepted_images", "expect_column_values_to_be_between", "width", True),
+        ("accepted_images", "expect_column_values_to_be_between", "height", True),
+        ("accepted_images", "expect_column_values_to_be_in_set", "channels", True),
+        ("class_counts", "expect_column_values_to_be_between", "accepted", True),
+    ]
+    assert [(r["element_count"], r["unexpected_count"]) for r in results[:3]] == [(21, 1), (21, 1), (20, 0)]
+
+    assert quarantine.to_dict("records") == [
+        {"path": "dog/broken.jpg", "reason": "cannot decode: truncated or corrupt jpeg", "detail": f"id={200:040x}"}]
+    accepted = (tmp_path / "accepted.csv").read_text().splitlines()
+    manifest = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert accepted == manifest[:21]  # header + the 20 good rows, same columns, same order
+
+    index = (tmp_path / "dq" / "site" / "index.html").read_text()
+    for suite in ("image_manifest", "accepted_images", "class_counts"):
+        assert suite in index
+    assert not [p.name for p in (tmp_path / "dq").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_same_inputs_give_the_same_bytes(tmp_path):
+    files = [tmp_path / "dq" / "summary.json", tmp_path / "dq" / "quarantine.csv", tmp_path / "accepted.csv"]
+    run_stage(tmp_path, CLEAN)
+    first = [f.read_bytes() for f in files]
+    run_stage(tmp_path, CLEAN)
+    assert [f.read_bytes() for f in files] == first
+
+
+def test_fails_when_a_class_has_too_few_images(tmp_path):
+    rows = [*good("cat", 10, 0), *good("dog", 3, 100)]
+    message = run_stage(tmp_path, rows)
+    dq = tmp_path / "dq"
+    assert message.splitlines() == [
+        f"1 critical data-quality check(s) failed; report: {dq / 'site' / 'index.html'}, "
+        f"quarantined files and reasons: {dq / 'quarantine.csv'}",
+        "  - Every class has at least 10 accepted images [expect_column_values_to_be_between on "
+        "class_counts.accepted]: 1 of 2 classes unexpected, e.g. dog (3)",
+    ]
+    summary, quarantine = outputs(tmp_path)  # the report is written before the stage fails
+    assert summary["success"] is False
+    assert summary["expectations"]["failed"] == 1
+    assert summary["inputs"] == summary["ingested"] + summary["quarantined"] == 13
+    assert quarantine.empty and list(quarantine.columns) == ["path", "reason", "detail"]
+    assert (tmp_path / "dq" / "site" / "index.html").is_file()
+
+
+def test_fails_when_too_many_images_are_quarantined(tmp_path):
+    rows = [*good("cat", 10, 0), *good("dog", 10, 100), row(300, "dog", path="tiny.png", width="2"),
+            row(301, "", path="nolabel.png")]
+    message = run_stage(tmp_path, rows)  # 2 of 22 = 9% > 5%
+    assert "  - At most 5.0% of the images are quarantined [expect_column_values_to_be_null on " \
+           "image_manifest.quarantine_reason]: 2 of 22 images unexpected, e.g. " \
+           "tiny.png (too small); nolabel.png (no label)" in message.splitlines()
+    # the decode check is a warning: it passes here, and would not be in the message anyway
+    assert "error]" not in message
+    summary, quarantine = outputs(tmp_path)
+    assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (22, 20, 2)
+    assert summary["quarantine_reasons"]["too small"] == summary["quarantine_reasons"]["no label"] == 1
+    assert list(quarantine["path"]) == ["tiny.png", "nolabel.png"]
+
+    # the same data passes with a looser threshold
+    assert run_stage(tmp_path, rows, max_quarantined_fraction=0.1) is None
+
+
+def test_everything_quarantined_fails_cleanly(tmp_path):
+    rows = [row(i, error="empty file", width="", height="", channels="") for i in range(3)]
+    message = run_stage(tmp_path, rows)
+    assert "3 of 3 images unexpected, e.g. cat/0.png (unreadable); cat/1.png (unreadable)" in message
+    assert "1 of 1 classes unexpected, e.g. cat (0)" in message
+    summary, quarantine = outputs(tmp_path)
+    assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (3, 0, 3)
+    assert list(quarantine["reason"]) == ["empty file"] * 3
+    assert (tmp_path / "accepted.csv").read_text() == ",".join(validate.COLUMNS) + "\n"
+
+
+def test_main_reports_the_failure_without_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_manifest(tmp_path, good("cat", 2, 0))
+    (tmp_path / "params.yaml").write_text(
+        "paths:\n  manifest: manifest.csv\n  accepted: accepted.csv\n  data_quality: dq\n")
+    assert validate.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("validate: error: 1 critical data-quality check(s) failed; report: dq/site/index.html, "
+                          "quarantined files and reasons: dq/quarantine.csv\n")
+    assert "Traceback" not in err
