@@ -1,0 +1,138 @@
+"""The Prefect flow that drives the DVC pipeline: one task run per DVC stage.
+
+DVC stays the only description of the DAG and the only judge of what is stale: the flow reads the
+stage graph through DVC's API and runs each stage with `dvc repro --single-item`, which skips an
+up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history and schedules.
+
+    python -m flows.pipeline [--repo PATH] [--retries N] [--retry-delay SECONDS]
+"""
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.dag import stage_order
+
+# How many of a failed stage's last output lines go into the exception (and so the run's logs).
+ERROR_TAIL_LINES = 20
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message ends with the stage's last output lines."""
+
+
+def _skip_lines(stage: str) -> set[str]:
+    # The exact lines `dvc repro` prints when it finds a stage up to date and returns without
+    # reproducing it (Stage.reproduce in dvc/stage/__init__.py; the second form is for `.dvc`
+    # data sources). Every other successful outcome means DVC reproduced the stage: ran its
+    # command, restored its outputs from the run cache, or re-hashed a changed data source.
+    # This reports what `dvc repro` did; asking `dvc status` first would cost a second DVC start
+    # per stage and only predict it (another code path, and files can change in between).
+    return {f"Stage '{stage}' didn't change, skipping", f"'{stage}' didn't change, skipping"}
+
+
+def _stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # dvc.yaml's `python -m stages.x` must find this environment's python, as `dvc` itself does.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Stage output reaches the logs line by line, not whenever the child's buffer fills up.
+    env["PYTHONUNBUFFERED"] = "1"
+    # The project's no-telemetry defaults (the Makefile exports the same) for runs started
+    # outside make, e.g. by a Prefect worker. DVC ignores DO_NOT_TRACK and needs its own.
+    telemetry_off = {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
+    for name, value in telemetry_off.items():
+        env.setdefault(name, value)
+    return env
+
+
+# No Prefect cache: DVC decides what is up to date, and a cached task would hide a needed re-run.
+@task(cache_policy=NO_CACHE)
+def run_stage(repo: str, stage: str) -> dict:
+    """Run one stage through DVC; report whether DVC ran or skipped it, and how long it took."""
+    logger = get_run_logger()
+    skip_lines = _skip_lines(stage)
+    skipped = False
+    tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+    started = time.monotonic()
+    # stderr is merged into stdout so that the log keeps the order in which lines were printed.
+    with subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
+        cwd=repo,
+        env=_stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if not line:
+                continue
+            logger.info(line)
+            tail.append(line)
+            skipped = skipped or line in skip_lines
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        output = "\n".join(tail)
+        raise StageFailed(f"stage {stage!r} failed (exit code {proc.returncode}):\n{output}")
+    status = "skipped" if skipped else "ran"
+    logger.info("stage %r %s in %.2f s", stage, status, seconds)
+    return {"status": status, "seconds": seconds}
+
+
+@flow(name="pipeline")
+def pipeline(
+    repo: str = ".", retries: int = 0, retry_delay_seconds: float = 10.0
+) -> dict[str, dict]:
+    """Run every DVC stage of the repository at `repo` in dependency order.
+
+    Returns {stage: {"status": "ran" | "skipped", "seconds": float}} in the order the stages ran.
+    A failing stage fails its task run and the flow run; no later stage starts.
+    """
+    repo = str(Path(repo).resolve())
+    stages = stage_order(repo)
+    get_run_logger().info("stages in order: %s", ", ".join(stages))
+    results = {}
+    # One stage at a time: `dvc repro` locks the repository, so two stages cannot run side by
+    # side, and calling the task directly raises at the first failure, so no later stage starts.
+    for stage in stages:
+        stage_task = run_stage.with_options(
+            name=stage,
+            task_run_name=stage,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+        )
+        results[stage] = stage_task(repo, stage)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline", description="Run the DVC pipeline as a Prefect flow."
+    )
+    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
+    parser.add_argument("--retries", type=int, default=0, help="retries per stage (default: 0)")
+    parser.add_argument(
+        "--retry-delay", type=float, default=10.0, help="seconds between retries (default: 10)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        results = pipeline(
+            repo=args.repo, retries=args.retries, retry_delay_seconds=args.retry_delay
+        )
+    except StageFailed as exc:
+        sys.exit(f"pipeline failed: {exc}")
+    width = max(map(len, results), default=0)
+    for stage, result in results.items():
+        print(f"{stage:<{width}}  {result['status']:<7}  {result['seconds']:7.2f} s")
+
+
+if __name__ == "__main__":
+    main()
