@@ -42,9 +42,12 @@ class Ingest:
     source: str = "data/raw/fashion-mnist"
     layout: str = "auto"
     labels_csv: str = "labels.csv"
+    max_pixels: int = 100_000_000
 
     def check(self) -> None:
         _one_of("ingest.layout", self.layout, ("auto", "folders", "csv", "idx"))
+        if self.max_pixels < 1:
+            raise ParamsError(f"ingest.max_pixels must be >= 1, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,21 @@ class Train:
         _one_of("train.backbone", self.backbone, ("mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16"))
         if self.backbone_size < 32:
             raise ParamsError(f"train.backbone_size must be >= 32 (the backbones' minimum), got {self.backbone_size}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ParamsError("train.epochs and train.batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.shuffle_buffer < 1:
+            raise ParamsError("train.epochs, train.batch_size and train.shuffle_buffer must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ParamsError(f"train.dropout must be >= 0 and < 1, got {self.dropout}")
+        if self.learning_rate <= 0:
+            raise ParamsError(f"train.learning_rate must be > 0, got {self.learning_rate}")
 
 
 @dataclass(frozen=True)
 class Evaluate:
     max_misclassified: int = 200
+
+    def check(self) -> None:
+        if self.max_misclassified < 0:
+            raise ParamsError("evaluate.max_misclassified must be >= 0")
 
 
 @dataclass(frozen=True)
