@@ -54,7 +54,8 @@ class ShardWriter:
             "path": _bytes_feature(tf, path.encode()),
         }
         example = tf.train.Example(features=tf.train.Features(feature=feature))
-        self._writer.write(example.SerializeToString())
+        # deterministic=True: protobuf map fields (the features) otherwise serialise in any order
+        self._writer.write(example.SerializeToString(deterministic=True))
         self.count += 1
 
     def _close_current(self) -> None:
