@@ -119,6 +119,6 @@ def dataset(folder: str | Path, split: str, meta: dict | None = None, determinis
 
 
 def iter_records(folder: str | Path, split: str):
-    """Yield (image float32 array, label, id, path) per record, in file order (for tests and tools)."""
+    """Yield (image float32 array, label, id, path) per record (interleaved across files, deterministic)."""
     for rec in dataset(folder, split).as_numpy_iterator():
         yield rec["image"], int(rec["label"]), rec["id"].decode(), rec["path"].decode()
