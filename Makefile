@@ -40,7 +40,7 @@ data: install
 
 run: install weights data
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@echo "metrics: reports/metrics.json (dvc metrics show); data quality: reports/data_quality/site/index.html"
 
 test: install weights
 	$(BIN)/python -m pytest
