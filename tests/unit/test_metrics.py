@@ -1,4 +1,4 @@
-"""The evaluate stage's metrics core against small cases computed by hand."""
+"""The evaluate stage's metrics core (scores, confusion, ROC and precision-recall) against small cases computed by hand."""
 
 import json
 import math
@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.evaluate import confusion_matrix, mean_crossentropy, metrics_report, per_class_scores, worst_mistakes
+from stages.evaluate import (
+    confusion_matrix, mean_crossentropy, metrics_report, per_class_scores, precision_recall_curve, ranking_report,
+    ranking_scores, roc_curve, thin, worst_mistakes,
+)
 
 # Three classes; six test images, four right.
 #   actual a a a b b c
@@ -97,3 +100,74 @@ def test_worst_mistakes_most_confident_wrong_first():
     assert worst["id"].tolist() == ["i3", "i5", "i2"]
     assert worst_mistakes(predictions, limit=2)["id"].tolist() == ["i3", "i5"]
     assert worst_mistakes(predictions, limit=0).empty
+
+
+# -- ROC and precision-recall ----------------------------------------------------------------
+# Four images, two positive; scores 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.6 (neg).
+#   threshold 0.9: tp 1 fp 0 -> tpr 1/2 fpr 0,   precision 1
+#   threshold 0.8: tp 1 fp 1 -> tpr 1/2 fpr 1/2, precision 1/2
+#   threshold 0.7: tp 2 fp 1 -> tpr 1   fpr 1/2, precision 2/3
+#   threshold 0.6: tp 2 fp 2 -> tpr 1   fpr 1,   precision 1/2
+# AUC = 3/4 (3 of the 4 positive-negative pairs ranked right); AP = 1/2 * 1 + 1/2 * 2/3 = 5/6.
+SCORES = np.array([0.6, 0.9, 0.7, 0.8])
+POSITIVE = np.array([False, True, True, False])
+
+
+def test_roc_curve_by_hand():
+    roc = roc_curve(SCORES, POSITIVE)
+    np.testing.assert_allclose(roc["fpr"], [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(roc["tpr"], [0, 0.5, 0.5, 1, 1])
+    assert roc["threshold"].tolist() == [np.inf, 0.9, 0.8, 0.7, 0.6]
+
+
+def test_precision_recall_curve_by_hand():
+    pr = precision_recall_curve(SCORES, POSITIVE)
+    np.testing.assert_allclose(pr["recall"], [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(pr["precision"], [1, 1, 0.5, 2 / 3, 0.5])
+
+
+def test_auc_and_average_precision_by_hand():
+    report = ranking_report(roc_curve(SCORES, POSITIVE), precision_recall_curve(SCORES, POSITIVE), POSITIVE)
+    assert report == {"roc_auc": 0.75, "average_precision": round(5 / 6, 6)}
+
+
+def test_auc_is_the_share_of_positive_negative_pairs_ranked_right():
+    rng = np.random.default_rng(0)
+    scores = rng.choice(np.linspace(0, 1, 11), 300)  # many ties: a tie counts half
+    positive = rng.random(300) < scores
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    report = ranking_report(roc_curve(scores, positive), precision_recall_curve(scores, positive), positive)
+    assert report["roc_auc"] == pytest.approx(pairs, abs=1e-6)
+
+
+def test_perfect_ranking_and_undefined_cases():
+    positive = np.array([True, True, False])
+    scores = np.array([0.9, 0.8, 0.1])
+    assert ranking_report(roc_curve(scores, positive), precision_recall_curve(scores, positive), positive) == {
+        "roc_auc": 1.0, "average_precision": 1.0}
+    all_positive = np.ones(3, dtype=bool)
+    report = ranking_report(roc_curve(scores, all_positive), precision_recall_curve(scores, all_positive), all_positive)
+    assert report == {"roc_auc": None, "average_precision": None}  # null in JSON, not NaN
+
+
+def test_ranking_scores_two_classes_rank_the_second():
+    probs = np.array([[0.9, 0.1], [0.3, 0.7]])
+    scores, positive = ranking_scores(probs, np.array([1, 1]))
+    np.testing.assert_allclose(scores, [0.1, 0.7])
+    assert positive.tolist() == [True, True]
+
+
+def test_ranking_scores_more_classes_are_micro_averaged_one_vs_rest():
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    scores, positive = ranking_scores(probs, np.array([0, 1]))
+    np.testing.assert_allclose(scores, [0.6, 0.3, 0.1, 0.2, 0.2, 0.6])
+    assert positive.tolist() == [True, False, False, False, True, False]
+
+
+def test_thin_keeps_the_ends_and_at_most_the_points_asked():
+    curve = pd.DataFrame({"x": np.linspace(0, 1, 10_001), "y": np.linspace(0, 1, 10_001) ** 2})
+    thinned = thin(curve, 500)
+    assert len(thinned) <= 500
+    assert thinned.iloc[0].tolist() == [0.0, 0.0] and thinned.iloc[-1].tolist() == [1.0, 1.0]
+    assert thin(curve.head(3), 500).equals(curve.head(3).round(6))
