@@ -2,26 +2,24 @@
 
 DVC stays the only description of the DAG and the only judge of what is stale: the flow reads the
 stage graph through DVC's API and runs each stage with `dvc repro --single-item`, which skips an
-up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history and schedules.
+up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, schedules and artifacts
+(the data-quality summary after `validate`, the test metrics after `evaluate`: flows/artifacts.py).
 
     python -m flows.pipeline [--repo PATH] [--retries N] [--retry-delay SECONDS]
 """
 
 import argparse
-import collections
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
+from flows.artifacts import PUBLISHERS
 from flows.dag import stage_order
-
-# How many of a failed stage's last output lines go into the exception (and so the run's logs).
-ERROR_TAIL_LINES = 20
+from flows.dvc_cli import run_dvc
 
 
 class StageFailed(RuntimeError):
@@ -38,20 +36,6 @@ def _skip_lines(stage: str) -> set[str]:
     return {f"Stage '{stage}' didn't change, skipping", f"'{stage}' didn't change, skipping"}
 
 
-def _stage_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # dvc.yaml's `python -m stages.x` must find this environment's python, as `dvc` itself does.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # Stage output reaches the logs line by line, not whenever the child's buffer fills up.
-    env["PYTHONUNBUFFERED"] = "1"
-    # The project's no-telemetry defaults (the Makefile exports the same) for runs started
-    # outside make, e.g. by a Prefect worker. DVC ignores DO_NOT_TRACK and needs its own.
-    telemetry_off = {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
-    for name, value in telemetry_off.items():
-        env.setdefault(name, value)
-    return env
-
-
 # No Prefect cache: DVC decides what is up to date, and a cached task would hide a needed re-run.
 @task(cache_policy=NO_CACHE)
 def run_stage(repo: str, stage: str) -> dict:
@@ -59,29 +43,18 @@ def run_stage(repo: str, stage: str) -> dict:
     logger = get_run_logger()
     skip_lines = _skip_lines(stage)
     skipped = False
-    tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+
+    def log(line: str) -> None:
+        nonlocal skipped
+        logger.info(line)
+        skipped = skipped or line in skip_lines
+
     started = time.monotonic()
-    # stderr is merged into stdout so that the log keeps the order in which lines were printed.
-    with subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=repo,
-        env=_stage_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    ) as proc:
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if not line:
-                continue
-            logger.info(line)
-            tail.append(line)
-            skipped = skipped or line in skip_lines
+    returncode, tail = run_dvc(repo, ["repro", "--single-item", stage], log)
     seconds = time.monotonic() - started
-    if proc.returncode != 0:
+    if returncode != 0:
         output = "\n".join(tail)
-        raise StageFailed(f"stage {stage!r} failed (exit code {proc.returncode}):\n{output}")
+        raise StageFailed(f"stage {stage!r} failed (exit code {returncode}):\n{output}")
     status = "skipped" if skipped else "ran"
     logger.info("stage %r %s in %.2f s", stage, status, seconds)
     return {"status": status, "seconds": seconds}
@@ -93,6 +66,8 @@ def pipeline(
 ) -> dict[str, dict]:
     """Run every DVC stage of the repository at `repo` in dependency order.
 
+    A failed stage is retried up to `retries` times, after `retry_delay_seconds`, then twice that,
+    and so on (a transient cause, such as a full disk or a busy remote, gets time to clear).
     Returns {stage: {"status": "ran" | "skipped", "seconds": float}} in the order the stages ran.
     A failing stage fails its task run and the flow run; no later stage starts.
     """
@@ -107,9 +82,14 @@ def pipeline(
             name=stage,
             task_run_name=stage,
             retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
+            retry_delay_seconds=exponential_backoff(retry_delay_seconds),
         )
         results[stage] = stage_task(repo, stage)
+        # A skipped stage's outputs are still the current ones: publish them on every run, so
+        # that each run in the UI shows the data quality and metrics it stands on.
+        publish = PUBLISHERS.get(stage)
+        if publish:
+            publish(repo)
     return results
 
 
@@ -120,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
     parser.add_argument("--retries", type=int, default=0, help="retries per stage (default: 0)")
     parser.add_argument(
-        "--retry-delay", type=float, default=10.0, help="seconds between retries (default: 10)"
+        "--retry-delay",
+        type=float,
+        default=10.0,
+        help="seconds before the first retry, doubled for each next one (default: 10)",
     )
     args = parser.parse_args(argv)
     try:

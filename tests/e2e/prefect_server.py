@@ -42,6 +42,9 @@ def prefect_server(home: Path) -> Iterator[str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # the tests need the API only
         "PREFECT_SERVER_UI_ENABLED": "false",
+        # The scheduler creates a deployment's scheduled runs every 60 s by default; a test
+        # that waits for them should not wait a minute.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
     }
     log_path = home / "server.log"
     with open(log_path, "w") as log:

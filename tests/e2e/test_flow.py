@@ -1,21 +1,23 @@
 """The Prefect flow against a real `prefect server start`, on real temporary git + DVC repositories.
 
-Each repository has three shell stages on a real file (the MNIST test set's SHA256SUMS):
+Most repositories have three shell stages on a real file (the MNIST test set's SHA256SUMS):
 a counts its lines (with a label from params.yaml), b upper-cases a's output, c repeats b's output
-`c.repeat` times. What each test checks is read back from the server: run states, task runs, logs.
+`c.repeat` times. The artifacts' repository runs the project's own ingest and validate on real
+photos. What each test checks is read back from the server: run states, task runs, logs,
+artifacts.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 import yaml
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -23,17 +25,22 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType, TaskRun
-from prefect.events.worker import EventsWorker
-from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.artifacts import (
+    data_quality_markdown,
+    gate_verdict,
+    metrics_description,
+    metrics_rows,
+)
 from flows.dag import stage_order
 from flows.pipeline import pipeline
-from tests.e2e.prefect_server import prefect_server
+from stages import report
+from tests.e2e.helpers import QUIET_ENV, artifacts, eventually, git_dvc_repo, sh
 
 PROJECT = Path(__file__).resolve().parents[2]
 INPUT = PROJECT.parent / "shared" / "datasets" / "mnist-t10k" / "SHA256SUMS"
 INPUT_LINES = len(INPUT.read_text().splitlines())
+FLOWERS = PROJECT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
 
 # Declared downstream first: the flow must order stages by the graph, not by the file.
 STAGES = {
@@ -55,66 +62,16 @@ STAGES = {
 PARAMS = {"a": {"label": "lines"}, "c": {"repeat": 2}}
 FAILING_CMD = """python -c "raise SystemExit('boom: bad input')\""""
 
-# No telemetry from anything these tests start (DVC has its own switch).
-QUIET_ENV = {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """The API URL of a Prefect server shared by this module's tests; flows here report to it."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in QUIET_ENV.items():
-            env.setenv(name, value)
-        with prefect_server(tmp_path_factory.mktemp("prefect")) as url:
-            # Prefect reads its settings at import: a PREFECT_API_URL set in the environment now
-            # would not reach the flows run in this process.
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                yield url
-                # Send the events and logs still queued here before the server goes away, or
-                # Prefect tries at exit and prints connection errors (prefect_test_harness
-                # drains the same two workers).
-                APILogWorker.drain_all(timeout=10)
-                EventsWorker.drain_all(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def client(prefect_api) -> SyncPrefectClient:
-    with get_client(sync_client=True) as client:
-        yield client
-
-
-def sh(*args: str, cwd: Path) -> None:
-    subprocess.run(args, cwd=cwd, check=True, capture_output=True, env={**os.environ, **QUIET_ENV})
-
 
 def make_repo(path: Path, stages: dict = STAGES) -> Path:
     """A committed git + DVC repository at `path` with the given dvc.yaml stages."""
     path.mkdir()
     shutil.copy(INPUT, path / "input.txt")
-    (path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    sh("git", "init", "-q", cwd=path)
-    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=path)
-    sh("git", "add", "-A", cwd=path)
-    author = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
-    sh("git", *author, "commit", "-qm", "init", cwd=path)
-    return path
+    return git_dvc_repo(path, stages, PARAMS)
 
 
 def with_stage(name: str, **changes) -> dict:
     return {**STAGES, name: {**STAGES[name], **changes}}
-
-
-def eventually(check, timeout: float = 20):
-    """Poll `check` until it returns something truthy, and return that (or the last falsy value).
-
-    The server records task runs from events and receives logs in batches, so both arrive a
-    moment after the flow run has finished.
-    """
-    deadline = time.monotonic() + timeout
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    return value
 
 
 def task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, TaskRun]:
@@ -194,19 +151,30 @@ def test_failing_stage_fails_the_run_and_stops_downstream(prefect_api, client, t
     assert "boom: bad input" in logs_containing(client, flow_run_id, "boom: bad input")
 
 
-def test_retries_rerun_a_failed_stage(prefect_api, client, tmp_path):
-    # b fails on its first try only: the marker lives outside the repository, so DVC ignores it
-    marker = tmp_path / "b-tried"
-    flaky = f"test -e {marker} || {{ touch {marker}; echo 'flaky: first try' >&2; exit 1; }}; "
+def test_retries_rerun_a_failed_stage_after_doubling_delays(prefect_api, client, tmp_path):
+    # b fails on its first two tries: the count lives outside the repository, so DVC ignores it
+    tries = tmp_path / "b-tries"
+    flaky = (
+        f"echo try >> {tries}; "
+        f"test $(wc -l < {tries}) -gt 2 || {{ echo 'flaky: try failed' >&2; exit 1; }}; "
+    )
     repo = make_repo(tmp_path / "repo", with_stage("b", cmd=flaky + STAGES["b"]["cmd"]))
 
-    state, flow_run_id = run_flow(repo, retries=1, retry_delay_seconds=0)
+    state, flow_run_id = run_flow(repo, retries=2, retry_delay_seconds=0.5)
 
     assert statuses(state.result()) == {"a": "ran", "b": "ran", "c": "ran"}
     completed = dict.fromkeys(["a", "b", "c"], StateType.COMPLETED)
     assert task_run_states(client, flow_run_id, completed) == completed
-    assert task_runs(client, flow_run_id)["b"].run_count == 2
-    assert "flaky: first try" in logs_containing(client, flow_run_id, "flaky: first try")
+    b = task_runs(client, flow_run_id)["b"]
+    assert b.run_count == 3
+    # each retry waited twice as long as the one before: 0.5 s, then 1 s
+    waits = [
+        (s.state_details.scheduled_time - s.timestamp).total_seconds()
+        for s in client.read_task_run_states(b.id)
+        if s.name == "AwaitingRetry"
+    ]
+    assert waits == [pytest.approx(0.5, abs=0.05), pytest.approx(1.0, abs=0.05)]
+    assert "flaky: try failed" in logs_containing(client, flow_run_id, "flaky: try failed")
 
 
 def test_command_line_prints_the_summary_or_the_error(prefect_api, tmp_path):
@@ -240,3 +208,197 @@ def test_stage_order_names_stages_as_dvc_repro_takes_them(tmp_path):
     sh(sys.executable, "-m", "dvc", "add", "-q", "extra.txt", cwd=repo)
 
     assert stage_order(repo) == ["extra.txt.dvc", "a", "b", "c", "report/dvc.yaml:summary"]
+
+
+# --- artifacts: the data-quality summary after validate, the metrics after evaluate ----------
+
+PHOTOS_PER_CLASS = 15
+EVALUATION_REPORT = f"{report.FOLDER}/{report.INDEX}"
+# A stand-in for evaluate's output (training a model here would take minutes): the figures are
+# made up, the format is evaluate's.
+METRICS = {
+    "accuracy": 0.8125,
+    "loss": 0.4321,
+    "macro_f1": 0.8011,
+    "weighted_f1": 0.8103,
+    "num_test": 16,
+    "per_class": {
+        "daisy": {"precision": 0.9, "recall": 0.75, "f1": 0.8182, "support": 8},
+        "rose": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 2},
+        "tulip": {"precision": 0.8333, "recall": 0.8333, "f1": 0.8333, "support": 6},
+    },
+}
+
+
+# evaluate's gate, in its format (stages/gate.py)
+GATE = {
+    "verdict": "warned",
+    "checks": [
+        {"name": "min_accuracy", "value": 0.8125, "threshold": 0.9, "passed": False,
+         "detail": "accuracy 0.8125 is 0.0875 below the minimum 0.9000 (evaluate.min_accuracy)"},
+        {"name": "min_class_recall", "value": 0.75, "class": "daisy", "threshold": 0.5,
+         "passed": True, "detail": "lowest class recall 0.7500 (daisy) >= 0.5000"},
+    ],
+}
+WARNED = (
+    "warned (accuracy 0.8125 is 0.0875 below the minimum 0.9000 (evaluate.min_accuracy); "
+    "lowest class recall 0.7500 (daisy) >= 0.5000)"
+)
+
+
+def make_pipeline_repo(path: Path) -> Path:
+    """The project's own ingest and validate stages (its code and dvc.yaml entries) on real
+    photos, two of them bad, and a stand-in evaluate that copies `metrics-in.json` to
+    metrics.json. The report paths are moved from their defaults: the artifacts must find them
+    through params.yaml."""
+    path.mkdir()
+    no_cache = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(PROJECT / "stages", path / "stages", ignore=no_cache)
+    for label in ("daisy", "rose", "tulip"):
+        (path / "photos" / label).mkdir(parents=True)
+        for photo in sorted((FLOWERS / label).iterdir())[:PHOTOS_PER_CLASS]:
+            shutil.copy(photo, path / "photos" / label)
+    (path / "photos" / "rose" / "broken.jpg").write_text("not a JPEG\n")
+    # the same bytes twice: the second copy is quarantined as a duplicate
+    shutil.copy(sorted((FLOWERS / "tulip").iterdir())[0], path / "photos" / "tulip" / "copy.jpg")
+    (path / "metrics-in.json").write_text(json.dumps(METRICS))
+
+    project = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    stages = {name: project["stages"][name] for name in ("ingest", "validate")}
+    report_path = "${paths.reports}/" + EVALUATION_REPORT
+    stages["evaluate"] = {
+        "cmd": f"mkdir -p $(dirname {report_path}) && echo '<html></html>' > {report_path} && "
+        "cp metrics-in.json ${paths.reports}/metrics.json",
+        "deps": ["metrics-in.json", "${paths.accepted}"],
+        "metrics": [{"${paths.reports}/metrics.json": {"cache": False}}],
+    }
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["paths"].update(reports="out/reports", data_quality="out/quality")
+    params["ingest"]["source"] = "photos"
+    params["validate"]["min_images_per_class"] = 5
+    return git_dvc_repo(path, stages, params, extra={"vars": ["params.yaml"]})
+
+
+def test_publishes_the_data_quality_summary_and_the_metrics(prefect_api, client, tmp_path):
+    repo = make_pipeline_repo(tmp_path / "repo")
+
+    state, flow_run_id = run_flow(repo)
+
+    assert statuses(state.result()) == {"ingest": "ran", "validate": "ran", "evaluate": "ran"}
+    published = artifacts(client, flow_run_id)
+    assert sorted(published) == ["data-quality", "metrics"]
+    (quality,) = published["data-quality"]
+    assert quality.type == "markdown"
+    summary = json.loads((repo / "out" / "quality" / "summary.json").read_text())
+    passed = summary["expectations"]["passed"]
+    assert passed > 0
+    report = repo / "out" / "quality" / "site" / "index.html"
+    assert report.is_file()
+    for line in [
+        "# Data quality: passed",
+        "| inputs | 47 |",
+        "| accepted | 45 |",
+        "| quarantined | 2 (4.26%) |",
+        f"Expectations: {passed} passed, 0 failed.",
+        f"Full report (Great Expectations Data Docs): `{report}`",
+        "| daisy | 15 |",
+        "| rose | 15 |",
+        "| tulip | 15 |",
+        "| unreadable | 1 |",
+        "| duplicate | 1 |",
+    ]:
+        assert line in quality.data.splitlines()
+    (metrics,) = published["metrics"]
+    assert metrics.type == "table"
+    assert metrics.data == [
+        {"class": "daisy", "precision": 0.9, "recall": 0.75, "f1": 0.8182, "support": 8},
+        {"class": "rose", "precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 2},
+        {"class": "tulip", "precision": 0.8333, "recall": 0.8333, "f1": 0.8333, "support": 6},
+    ]
+    assert metrics.description == (
+        "Test set: 16 images. Accuracy 0.8125, loss 0.4321, macro F1 0.8011, "
+        "weighted F1 0.8103. Gate: no gate configured. "
+        f"Full report: `{repo / 'out' / 'reports' / EVALUATION_REPORT}`"
+    )
+
+    # evaluate's input changes, now with a gate verdict: only evaluate re-runs, and the skipped
+    # validate's summary is published again with the new run
+    (repo / "metrics-in.json").write_text(json.dumps({**METRICS, "gate": GATE}))
+    state, flow_run_id = run_flow(repo)
+
+    assert statuses(state.result()) == {
+        "ingest": "skipped", "validate": "skipped", "evaluate": "ran"
+    }
+    published = artifacts(client, flow_run_id)
+    assert published["data-quality"][0].data == quality.data
+    assert f"Gate: {WARNED}. Full report: " in published["metrics"][0].description
+
+
+SUMMARY = {
+    "inputs": 5,
+    "ingested": 4,
+    "quarantined": 1,
+    "quarantined_fraction": 0.2,
+    "classes": {"cat": 3, "dog|wolf": 1, "empty": 0},
+    "quarantine_reasons": {"unreadable": 1, "too small": 0},
+    "expectations": {
+        "passed": 1,
+        "failed": 1,
+        "results": [
+            {"table": "accepted_images", "column": "id", "description": "No duplicates",
+             "critical": True, "success": True, "element_count": 4, "unexpected_count": 0},
+            {"table": "class_counts", "column": "accepted",
+             "description": "Enough images per class", "critical": True, "success": False,
+             "element_count": 3, "unexpected_count": 2},
+        ],
+    },
+    "success": False,
+    "report": "reports/data_quality/site/index.html",
+}
+
+
+def test_data_quality_markdown_shows_counts_reasons_and_failures():
+    markdown = data_quality_markdown(SUMMARY, "/r/site/index.html", "/r/quarantine.csv")
+    markdown = markdown.splitlines()
+
+    assert markdown[0] == "# Data quality: FAILED (a critical expectation failed)"
+    assert "| quarantined | 1 (20.00%) |" in markdown
+    assert "Expectations: 1 passed, 1 failed." in markdown
+    assert "Full report (Great Expectations Data Docs): `/r/site/index.html`" in markdown
+    assert "Quarantined files and their reasons: `/r/quarantine.csv`" in markdown
+    # every class, the empty one too; a "|" in a name escaped so the table keeps its columns
+    assert ["| cat | 3 |", "| dog\\|wolf | 1 |", "| empty | 0 |"] == [
+        line for line in markdown if line.startswith(("| cat", "| dog", "| empty"))
+    ]
+    # reasons that quarantined nothing are left out; only failed expectations are listed
+    assert "| unreadable | 1 |" in markdown and not any("too small" in line for line in markdown)
+    assert markdown[-1] == "| Enough images per class | class_counts.accepted | 2 of 3 | yes |"
+
+
+def test_data_quality_markdown_says_when_nothing_was_quarantined():
+    clean = {**SUMMARY, "quarantined": 0, "quarantined_fraction": 0.0, "success": True,
+             "quarantine_reasons": {"unreadable": 0}}
+    passed_only = SUMMARY["expectations"]["results"][:1]
+    clean["expectations"] = {"passed": 1, "failed": 0, "results": passed_only}
+
+    markdown = data_quality_markdown(clean, "site/index.html", "quarantine.csv").splitlines()
+
+    assert markdown[0] == "# Data quality: passed"
+    assert markdown[-1] == "None: every input was accepted."
+
+
+def test_metrics_rows_and_description():
+    assert metrics_rows(METRICS)[1] == {
+        "class": "rose", "precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 2
+    }
+    assert metrics_description({**METRICS, "gate": GATE}, None) == (
+        "Test set: 16 images. Accuracy 0.8125, loss 0.4321, macro F1 0.8011, "
+        f"weighted F1 0.8103. Gate: {WARNED}."
+    )
+
+
+def test_gate_verdict_gives_the_verdict_and_each_checks_finding():
+    assert gate_verdict(GATE) == WARNED
+    assert gate_verdict({"verdict": "blessed", "checks": []}) == "blessed"
+    # metrics.json written before the gate existed
+    assert gate_verdict(None) == "no gate configured"

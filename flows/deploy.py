@@ -1,0 +1,76 @@
+"""The scheduled deployment of the pipeline flow: nightly by default, served by this process.
+
+    python -m flows.deploy [--repo PATH] [--name nightly] [--cron "0 2 * * *"] [--timezone UTC]
+                           [--retries 2] [--retry-delay 60]
+
+registers the deployment `pipeline/<name>` with the Prefect server that PREFECT_API_URL names,
+with its schedule and parameters, then runs its flow runs (scheduled, or started from the UI or
+with `prefect deployment run pipeline/<name>`) until stopped. Stopping it pauses the schedule, so
+that no runs pile up for a server that nobody serves.
+
+`flow.serve` needs no work pool and no worker: the flow's code is on this machine already.
+"""
+
+import argparse
+from pathlib import Path
+
+from prefect.schedules import Cron, Schedule
+
+from flows.pipeline import pipeline
+
+NAME = "nightly"
+# 02:00 UTC: after a working day's new images have landed, before the next one starts.
+CRON = "0 2 * * *"
+TIMEZONE = "UTC"
+# A nightly run has nobody watching it: retry a failed stage twice, after 1 then 2 minutes.
+RETRIES = 2
+RETRY_DELAY_SECONDS = 60.0
+
+
+def schedule(cron: str = CRON, timezone: str = TIMEZONE) -> Schedule:
+    return Cron(cron, timezone=timezone)
+
+
+def parameters(repo: str, retries: int = RETRIES, retry_delay: float = RETRY_DELAY_SECONDS) -> dict:
+    """The deployment's flow parameters; the repository as an absolute path, because a flow run
+    does not run in the directory `python -m flows.deploy` was started from."""
+    return {
+        "repo": str(Path(repo).resolve()),
+        "retries": retries,
+        "retry_delay_seconds": retry_delay,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deploy",
+        description="Register the scheduled pipeline deployment and serve its runs.",
+    )
+    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
+    parser.add_argument("--name", default=NAME, help=f"deployment name (default: {NAME})")
+    parser.add_argument("--cron", default=CRON, help=f"cron schedule (default: {CRON!r})")
+    parser.add_argument(
+        "--timezone", default=TIMEZONE, help=f"the schedule's time zone (default: {TIMEZONE})"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=RETRIES, help=f"retries per stage (default: {RETRIES})"
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=float,
+        default=RETRY_DELAY_SECONDS,
+        help="seconds before the first retry, doubled for each next one "
+        f"(default: {RETRY_DELAY_SECONDS:g})",
+    )
+    args = parser.parse_args(argv)
+    if not (Path(args.repo) / "dvc.yaml").is_file():
+        parser.error(f"{args.repo}: no dvc.yaml here; --repo must be the pipeline's repository")
+    pipeline.serve(
+        name=args.name,
+        schedule=schedule(args.cron, args.timezone),
+        parameters=parameters(args.repo, args.retries, args.retry_delay),
+    )
+
+
+if __name__ == "__main__":
+    main()

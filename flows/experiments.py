@@ -1,0 +1,227 @@
+"""Parameter sweeps as DVC experiments, run from a Prefect flow and compared in a table artifact.
+
+Each set of overrides becomes one `dvc exp run --queue -S ...`; `dvc exp run --run-all --jobs N`
+then runs the queue, N experiments at a time, each in its own temporary copy of the repository,
+so the workspace is left alone. The comparison comes from `dvc exp show --json`: one row per
+experiment (and the baseline commit), with the params that differ between the rows and the
+top-level figures of every metrics file.
+
+    python -m flows.experiments [--repo PATH] [--jobs N] \
+        -e "train.learning_rate=0.01" -e "train.learning_rate=0.001 train.epochs=5"
+"""
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.dvc_cli import dvc_env, run_dvc
+
+ARTIFACT_KEY = "experiments"
+# what `dvc exp run --queue` prints once the experiment is in the queue
+QUEUED = re.compile(r"Queued experiment '([^']+)' for future execution")
+PARAMS_FILE = "params.yaml"
+
+
+class ExperimentFailed(RuntimeError):
+    """An experiment could not be queued, or ran and failed."""
+
+
+@task(cache_policy=NO_CACHE)
+def queue_experiment(repo: str, overrides: list[str]) -> str:
+    """Queue one experiment with these `-S` overrides; return the name DVC gave it."""
+    set_params = [arg for override in overrides for arg in ("-S", override)]
+    returncode, tail = run_dvc(repo, ["exp", "run", "--queue", *set_params], get_run_logger().info)
+    names = [match.group(1) for line in tail if (match := QUEUED.search(line))]
+    if returncode != 0 or not names:
+        output = "\n".join(tail)
+        raise ExperimentFailed(f"could not queue an experiment with {overrides}:\n{output}")
+    return names[0]
+
+
+@task(cache_policy=NO_CACHE)
+def run_queue(repo: str, jobs: int) -> None:
+    """Run every queued experiment, `jobs` at a time, and wait for them; their logs go to ours."""
+    # `--run-all` exits 0 even when an experiment failed: the caller reads each one's state.
+    returncode, tail = run_dvc(
+        repo, ["exp", "run", "--run-all", "--jobs", str(jobs)], get_run_logger().info
+    )
+    if returncode != 0:
+        output = "\n".join(tail)
+        raise ExperimentFailed(f"dvc exp run --run-all failed (exit code {returncode}):\n{output}")
+
+
+@task(cache_policy=NO_CACHE)
+def show_experiments(repo: str) -> list[dict]:
+    """`dvc exp show --json`: the baseline commit and its experiments, with params and metrics."""
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    done = subprocess.run(command, cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ExperimentFailed(f"dvc exp show failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists stay values."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _params(data: dict) -> dict:
+    # params.yaml keys as `dvc exp run -S` takes them; another file's keys prefixed with its name
+    flat = {}
+    for file, content in (data.get("params") or {}).items():
+        prefix = "" if file == PARAMS_FILE else f"{file}:"
+        flat.update({f"{prefix}{key}": v for key, v in _flatten(content.get("data", {})).items()})
+    return flat
+
+
+def _metrics(data: dict) -> dict[tuple[str, str], object]:
+    # each metrics file's top-level values (nested ones, such as per-class figures, would make
+    # the table unreadable)
+    return {
+        (file, key): value
+        for file, content in (data.get("metrics") or {}).items()
+        for key, value in content.get("data", {}).items()
+        if isinstance(value, (int, float, str, bool))
+    }
+
+
+def _cell(value):
+    # a table cell holds a scalar; a list param such as preprocess.size shows as its JSON
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _entries(show: list[dict], names: list[str]) -> list[tuple[str, str, dict]]:
+    """(experiment, state, params and metrics) of the baseline commit, then of each of `names`."""
+    baseline = next(entry for entry in show if entry["rev"] != "workspace")
+    found = {
+        exp["name"]: exp for exp in baseline.get("experiments") or [] if exp.get("name") in names
+    }
+    label = baseline.get("name") or baseline["rev"][:7]
+    entries = [(f"{label} (baseline)", "baseline", baseline.get("data") or {})]
+    for name in names:
+        exp = found.get(name)
+        if exp is None:
+            entries.append((name, "not found", {}))
+            continue
+        state = (exp.get("executor") or {}).get("state", "success")
+        data = exp["revs"][0].get("data") or {}
+        if state != "success":
+            # its commit still holds the metrics files it was started from: they are not its own
+            data = {**data, "metrics": {}}
+        entries.append((name, state, data))
+    return entries
+
+
+def comparison_rows(show: list[dict], names: list[str]) -> list[dict]:
+    """The comparison table from `dvc exp show --json`: the baseline commit, then the experiments
+    `names` in that order.
+
+    Columns: experiment, state (baseline, success, failed, queued, running, ... or "not found"),
+    every param whose value differs between the rows, then the top-level metrics (named
+    `file:metric` when two metrics files share a name). A missing value is None.
+    """
+    rows = _entries(show, names)
+    params = [_params(data) for *_, data in rows]
+    keys = sorted({key for row in params for key in row})
+    # a row without params (an experiment not found) has nothing to compare
+    known = [row for row in params if row]
+    differing = [key for key in keys if len({json.dumps(row.get(key)) for row in known}) > 1]
+    metrics = [_metrics(data) for *_, data in rows]
+    metric_keys = sorted({key for row in metrics for key in row})
+    files_per_metric = Counter(metric for _, metric in metric_keys)
+    columns = {
+        (file, metric): metric if files_per_metric[metric] == 1 else f"{file}:{metric}"
+        for file, metric in metric_keys
+    }
+    return [
+        {
+            "experiment": experiment,
+            "state": state,
+            **{key: _cell(row_params.get(key)) for key in differing},
+            **{column: _cell(row_metrics.get(key)) for key, column in columns.items()},
+        }
+        for (experiment, state, _), row_params, row_metrics in zip(rows, params, metrics)
+    ]
+
+
+@flow(name="experiments")
+def experiments(
+    repo: str = ".", overrides: list[list[str]] | None = None, jobs: int = 1
+) -> list[dict]:
+    """Queue one DVC experiment per set of `-S` overrides, run them `jobs` at a time, and publish
+    the comparison table (artifact `experiments`).
+
+    Returns the table's rows. Fails, after publishing the table, if any experiment failed.
+    """
+    if not overrides:
+        raise ValueError("no experiments: give one or more sets of overrides: [['train.epochs=5']]")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    repo = str(Path(repo).resolve())
+    names = [
+        queue_experiment.with_options(task_run_name=f"queue {' '.join(o)}")(repo, o)
+        for o in overrides
+    ]
+    run_queue(repo, jobs)
+    rows = comparison_rows(show_experiments(repo), names)
+    create_table_artifact(
+        rows,
+        key=ARTIFACT_KEY,
+        description=f"{len(names)} DVC experiment(s) against {rows[0]['experiment']}: the params "
+        "that differ and the top-level metrics (`dvc exp show` has them all).",
+    )
+    failed = [row["experiment"] for row in rows[1:] if row["state"] != "success"]
+    if failed:
+        raise ExperimentFailed(
+            f"experiment(s) {', '.join(failed)} did not succeed; the run's logs have their output "
+            "(also: dvc queue logs <name>)"
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.experiments",
+        description="Run DVC experiments from Prefect and publish a comparison table.",
+    )
+    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=1, help="experiments run at a time (default: 1)"
+    )
+    parser.add_argument(
+        "-e",
+        "--experiment",
+        action="append",
+        required=True,
+        metavar="OVERRIDES",
+        help="one experiment: its `dvc exp run -S` overrides, space-separated "
+        "(repeat for more experiments)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        rows = experiments(
+            repo=args.repo, overrides=[shlex.split(e) for e in args.experiment], jobs=args.jobs
+        )
+    except ExperimentFailed as exc:
+        sys.exit(f"experiments failed: {exc}")
+    for row in rows:
+        print("  ".join(f"{key}={value}" for key, value in row.items()))
+
+
+if __name__ == "__main__":
+    main()
