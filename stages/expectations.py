@@ -1,13 +1,19 @@
 """The Great Expectations suites of the validate stage, and how they run.
 
-Three tables, one suite each, so the Data Docs show a reviewer where a problem sits:
+Four tables, one suite each, so the Data Docs show a reviewer where a problem sits:
 
-    image_manifest   every input row, with the quarantine rule the stage gave it (or none)
-    accepted_images  the rows that pass: cross-checks the stage's own per-row rules
-    class_counts     one row per known class with its number of accepted images
+    image_manifest         every input row, with the quarantine rule the stage gave it (or none)
+    accepted_images        the rows that pass: cross-checks the stage's own per-row rules, and
+                           flags blurry, dark, washed-out and near-duplicate images
+    near_duplicate_groups  one row per group of near-duplicate images: mixed labels, leakage
+    class_counts           one row per known class with its number of accepted images
 
 Every expectation carries `meta={"critical": ...}`: a failed critical one fails the stage, a
-failed warning is only reported.
+failed warning is only reported. Every threshold comes from `validate:` in params.yaml.
+
+The context is ephemeral on purpose (stores in memory, only the Data Docs written to disk): the
+suites are this code, the results are the stage's outputs, and a GX folder in the repository
+would hold run state that changes on every run, outside what DVC versions.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from pathlib import Path
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
-from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
@@ -58,19 +63,27 @@ class Outcome:
     examples: tuple[str, ...]  # a few offending rows, e.g. "cats/a.jpg (unreadable)"
 
 
-def tables(manifest: pd.DataFrame, accepted: pd.DataFrame, classes: pd.DataFrame) -> list[Table]:
+def tables(manifest: pd.DataFrame, accepted: pd.DataFrame, groups: pd.DataFrame,
+           classes: pd.DataFrame) -> list[Table]:
     """`manifest` carries a `quarantine_reason` column: the rule that quarantined the row, or empty.
 
     The rule, not the full reason text ("duplicate of <path>"), so that the report's table of
     unexpected values counts rows per kind of problem.
     """
+    group_size = accepted.groupby("group")["id"].transform("size")
     return [
         Table("image_manifest", manifest, "path", "images",
               "Every file the ingest stage found, with the reason it was quarantined (if it was)."),
-        Table("accepted_images", accepted, "path", "images",
-              "The images that passed the per-image checks: what the next stages train on."),
+        Table("accepted_images", accepted.assign(near_duplicates=group_size - 1), "path", "images",
+              "The images that passed the per-image checks: what the next stages train on. "
+              "`near_duplicates` counts the other images of the image's near-duplicate group."),
+        Table("near_duplicate_groups", groups, "path", "groups",
+              "One row per group of near-duplicate images (perceptual hashes within the distance set "
+              "in params.yaml), named by its image with the smallest id. The split stage keeps a group "
+              "in one split; a split given by the source is kept as it is."),
         Table("class_counts", classes, "label", "classes",
-              "One row per class named in the manifest, with its number of accepted images."),
+              "One row per class with its number of accepted images, and the largest class's count "
+              "over this one's (`imbalance`)."),
     ]
 
 
@@ -106,11 +119,41 @@ def suites(rules: Validate, labels: list[str]) -> dict[str, list[gxe.Expectation
             gxe.ExpectColumnValuesToBeInSet(
                 column="channels", value_set=list(rules.allowed_channels), meta={"critical": True},
                 description=f"Channels are one of {', '.join(map(str, rules.allowed_channels))}"),
+            # Quality warnings: a blurry or dark photo can still be a correct example of its class,
+            # and only a person can say; the summary shows the worst ones as thumbnails.
+            gxe.ExpectColumnValuesToBeBetween(
+                column="sharpness", min_value=rules.min_sharpness, meta={"critical": False},
+                description=f"Images are sharp: variance of the Laplacian at least {rules.min_sharpness:g}"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="brightness", min_value=rules.min_brightness, max_value=rules.max_brightness,
+                meta={"critical": False},
+                description=f"Images are neither too dark nor too bright: mean grey level between "
+                            f"{rules.min_brightness:g} and {rules.max_brightness:g}"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="contrast", min_value=rules.min_contrast, meta={"critical": False},
+                description=f"Images are not flat: grey-level standard deviation at least {rules.min_contrast:g}"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="near_duplicates", max_value=0, meta={"critical": False},
+                description=f"Images have no near-duplicate (perceptual hashes within "
+                            f"{rules.near_duplicate_distance} bits)"),
+        ],
+        "near_duplicate_groups": [
+            # warnings: a perceptual hash can match two different photos, so a person decides
+            gxe.ExpectColumnValuesToBeBetween(
+                column="labels", max_value=1, meta={"critical": False},
+                description="Near-duplicates share one label"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="source_splits", max_value=1, meta={"critical": False},
+                description="Near-duplicates do not cross the train/val/test split the source came with "
+                            "(leakage that split.method: source keeps)"),
         ],
         "class_counts": [
             gxe.ExpectColumnValuesToBeBetween(
                 column="accepted", min_value=rules.min_images_per_class, meta={"critical": True},
                 description=f"Every class has at least {rules.min_images_per_class} accepted images"),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="imbalance", max_value=rules.max_imbalance_ratio, meta={"critical": False},
+                description=f"No class is more than {rules.max_imbalance_ratio:g} times smaller than the largest"),
         ],
     }
 
@@ -144,13 +187,15 @@ def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_di
         checkpoint = context.checkpoints.add(gx.Checkpoint(
             name=table.name,
             validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=[SITE])],
             # SUMMARY: counts and the first few offending rows, named by `key`, never full lists
             result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [table.key]},
         ))
         result = checkpoint.run(batch_parameters={"dataframe": table.frame})
         for suite_result in result.run_results.values():
             outcomes += [_outcome(table, r) for r in suite_result.results]
+    # One Data Docs build from the stored results of every table: an UpdateDataDocsAction per
+    # checkpoint renders only that checkpoint's page, and re-renders the index each time.
+    context.build_data_docs(site_names=[SITE])
     return outcomes
 
 

@@ -7,6 +7,7 @@ cannot stop a stage.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import cv2
@@ -46,13 +47,96 @@ class Decoded:
         return self.image is not None
 
 
-def decode(data: bytes) -> Decoded:
-    """Decode image bytes unchanged (keeps 16-bit depth and alpha, so they can be reported)."""
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) as the file's header states it, read without decoding; None if unknown.
+
+    A few bytes can claim a 100000 x 100000 image (a decompression bomb): the size is checked
+    before the decoder allocates anything. Formats follow their specifications (PNG IHDR, JPEG
+    SOF marker, GIF logical screen, BMP DIB header, WebP VP8/VP8L/VP8X, TIFF first IFD).
+    """
+    try:
+        if fmt == "png" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+        if fmt == "gif":
+            return struct.unpack("<HH", data[6:10])
+        if fmt == "bmp":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                return struct.unpack("<HH", data[18:22])
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)  # a negative height means rows stored top-down
+        if fmt == "webp":
+            return _webp_size(data)
+        if fmt == "tiff":
+            return _tiff_size(data)
+    except struct.error:  # the header is cut short: the decoder will say what is wrong
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos = 2  # after the SOI marker
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan: the frame header should have come before
+            return None
+        # SOF0..SOF15 hold the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the frame tag and start code
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":  # lossless: 14-bit (size - 1) fields after the signature byte
+        bits = struct.unpack("<I", data[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":  # extended: 24-bit (size - 1) canvas fields
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    count = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    size = {}
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: a SHORT (type 3) or a LONG
+            value, end = ("H", entry + 10) if kind == 3 else ("I", entry + 12)
+            size[tag] = struct.unpack(order + value, data[entry + 8:end])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def decode(data: bytes, max_pixels: int | None = None) -> Decoded:
+    """Decode image bytes unchanged (keeps 16-bit depth and alpha, so they can be reported).
+
+    With `max_pixels`, an image whose header claims more pixels is refused before decoding.
+    """
     fmt = detect_format(data)
     if fmt == "empty":
         return Decoded(None, "empty file (0 bytes)")
     if fmt == "unknown":
         return Decoded(None, "not an image (no known image signature in the first bytes)")
+    size = header_size(data, fmt) if max_pixels else None
+    if size and size[0] * size[1] > max_pixels:
+        return Decoded(None, f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "
+                             f"over the limit of {max_pixels} (ingest.max_pixels)")
     # OpenCV decodes a cut-off JPEG or PNG without complaint (the rest is grey): check the end marker
     if fmt == "jpeg" and b"\xff\xd9" not in data[-1024:]:
         return Decoded(None, "truncated jpeg (no end-of-image marker)")

@@ -2,47 +2,65 @@
 
 Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: per image):
 
-    id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error
+    id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error,
+    sharpness, brightness, contrast, phash
 
 `id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
-A file that cannot be decoded is still listed, with `error` saying why; `validate` decides
-what to quarantine. Images are read one at a time: memory does not grow with the dataset.
+The last four columns describe the pixels (stages/image_facts.py); they are empty when the image
+could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
+`validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
+processes (one per core by default) in listing order: memory does not grow with the dataset,
+and the manifest's bytes do not depend on the number of workers. An image whose header claims
+more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
+the stage allocate gigabytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import logging
+import multiprocessing
+import os
+from collections.abc import Iterable
 
+import cv2
 from tqdm import tqdm
 
-from stages import imagefile
+from stages import image_facts, imagefile
 from stages.atomic import atomic_path
 from stages.cli import StageError, stage_main
 from stages.params import Params
-from stages.sources import Record, Source, SourceError
+from stages.sources import Record, Source, SourceError, read_file
 
-COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes", "error"]
+COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
+           "error", "sharpness", "brightness", "contrast", "phash"]
+# files per task sent to a worker: large enough that messaging costs little per image
+CHUNKSIZE = 64
 log = logging.getLogger(__name__)
 
 
-def describe(record: Record, data: bytes, pixels_shape: tuple[int, int] | None = None) -> dict:
-    """The manifest row of one input: pure, from its record and bytes.
-
-    `pixels_shape` is given for raw pixels (IDX), which need no decoding.
-    """
+def describe(record: Record, data: bytes, max_pixels: int) -> dict:
+    """The manifest row of one image file: pure, from its record and bytes."""
+    decoded = imagefile.decode(data, max_pixels)
     row = {"id": hashlib.sha1(data).hexdigest(), "label": record.label, "path": record.path,
-           "source_split": record.source_split, "bytes": len(data)}
-    if pixels_shape is not None:
-        height, width = pixels_shape
-        return row | {"format": "idx", "width": width, "height": height, "channels": 1, "bit_depth": 8, "error": ""}
-    decoded = imagefile.decode(data)
-    row |= {"format": imagefile.detect_format(data), "error": decoded.error}
+           "source_split": record.source_split, "format": imagefile.detect_format(data), "bytes": len(data),
+           "error": decoded.error}
     if decoded.ok:
         width, height, channels, bit_depth = imagefile.shape_of(decoded.image)
-        row |= {"width": width, "height": height, "channels": channels, "bit_depth": bit_depth}
+        row |= {"width": width, "height": height, "channels": channels, "bit_depth": bit_depth,
+                **image_facts.facts(decoded.image).as_row()}
     return row
+
+
+def describe_pixels(record: Record, pixels) -> dict:
+    """The manifest row of one IDX image: raw 8-bit grey pixels, nothing to decode."""
+    height, width = pixels.shape
+    return {"id": hashlib.sha1(pixels.tobytes()).hexdigest(), "label": record.label, "path": record.path,
+            "source_split": record.source_split, "format": "idx", "width": width, "height": height, "channels": 1,
+            "bit_depth": 8, "bytes": pixels.size, "error": "", **image_facts.facts(pixels).as_row()}
 
 
 def unreadable(record: Record, reason: str) -> dict:
@@ -50,22 +68,52 @@ def unreadable(record: Record, reason: str) -> dict:
             "format": "unknown", "error": reason}
 
 
-def ingest(source: Source, writer: csv.DictWriter) -> int:
+def file_row(record: Record, root: str, max_pixels: int) -> dict:
+    """The manifest row of one file of a folder or CSV source (in a worker process, if there are any)."""
+    if record.problem:
+        return unreadable(record, record.problem)
+    try:
+        data = read_file(root, record.path)
+    except OSError as exc:
+        return unreadable(record, f"cannot read file: {exc.strerror}")
+    return describe(record, data, max_pixels)
+
+
+def ingest(source: Source, writer: csv.DictWriter, max_pixels: int, workers: int) -> int:
+    """Write one manifest row per input, in listing order; returns the number of rows."""
+    if source.layout == "idx":
+        return write_rows((describe_pixels(r, source.read_idx_pixels(r.path)) for r in source.records()), writer)
+    work = functools.partial(file_row, root=str(source.root), max_pixels=max_pixels)
+    if workers == 1:
+        return write_rows(map(work, source.records()), writer)
+    # Forked workers start in milliseconds; ingest never imports TensorFlow, whose threads do not
+    # survive a fork. `imap` returns the rows in listing order, so the manifest's bytes do not
+    # depend on the number of workers, and it reads the listing only as fast as the workers need
+    # it (the pipe to them is bounded), so memory stays flat.
+    with _single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
+        return write_rows(pool.imap(work, source.records(), chunksize=CHUNKSIZE), writer)
+
+
+@contextlib.contextmanager
+def _single_threaded_opencv():
+    """The worker processes are the parallelism: OpenCV's own threads would only compete with them.
+
+    Set before forking, which the workers inherit: a forked worker cannot change it itself (if
+    this process has used OpenCV's thread pool, OpenCV would wait for threads a fork does not copy).
+    """
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def write_rows(rows: Iterable[dict], writer: csv.DictWriter) -> int:
     count = 0
-    for record in tqdm(source.records(), desc="ingest", unit="img", mininterval=2, disable=None):
+    for row in tqdm(rows, desc="ingest", unit="img", mininterval=2, disable=None):
+        writer.writerow(row)
         count += 1
-        if record.problem:
-            writer.writerow(unreadable(record, record.problem))
-        elif source.layout == "idx":
-            pixels = source.read_idx_pixels(record.path)
-            writer.writerow(describe(record, pixels.tobytes(), pixels.shape))
-        else:
-            try:
-                data = source.read_bytes(record.path)
-            except OSError as exc:
-                writer.writerow(unreadable(record, f"cannot read file: {exc.strerror}"))
-                continue
-            writer.writerow(describe(record, data))
     return count
 
 
@@ -73,16 +121,23 @@ def run(params: Params) -> None:
     p = params.ingest
     try:
         with Source(p.source, p.layout, p.labels_csv) as source, atomic_path(params.paths.manifest) as tmp:
-            log.info("reading %s (layout: %s)", p.source, source.layout)
+            # IDX images are raw pixels, nothing to decode: too little work to share out
+            workers = 1 if source.layout == "idx" else p.workers or available_cores()
+            log.info("reading %s (layout: %s, %d worker processes)", p.source, source.layout, workers)
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
                 writer.writeheader()
-                count = ingest(source, writer)
+                count = ingest(source, writer, p.max_pixels, workers)
             if count == 0:
                 raise StageError(f"ingest.source {p.source} holds no files")
     except SourceError as exc:
         raise StageError(str(exc)) from None
     log.info("%d inputs listed in %s", count, params.paths.manifest)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (fewer than the machine's in a container or cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv=None) -> int:

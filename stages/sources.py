@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import logging
 import os
 import re
 import shutil
@@ -31,10 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import imagefile
+
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(?P<gz>\.gz)?$")
 IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
 IDX_REF = "#"  # an IDX image's path is "<images file>#<index>"
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -81,22 +85,29 @@ class Source:
         else:
             raise SourceError(f"unknown layout {self.layout!r}")
 
-    def _files(self, folder: Path) -> Iterator[Path]:
-        """Every non-hidden file below `folder`, in a fixed (sorted) order."""
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    yield Path(dirpath) / name
+    def _files(self, folder: str | Path) -> Iterator[os.DirEntry]:
+        """Every non-hidden file below `folder`, in a fixed order: its files, then its sub-folders.
 
-    def _record(self, file: Path, label: str, split: str) -> Record:
-        rel = file.relative_to(self.root).as_posix()
+        Scandir entries know whether they are links without another system call, which counts with
+        millions of files. Links are not followed: a link is listed as a file and `_record` checks
+        where it points (a link to a folder then fails to read, with a reason, instead of vanishing).
+        """
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        folders = [e for e in entries if e.is_dir(follow_symlinks=False)]
+        yield from (e for e in entries if not e.is_dir(follow_symlinks=False))
+        for sub in folders:
+            yield from self._files(sub.path)
+
+    def _relative(self, entry: os.DirEntry | Path) -> str:
+        return os.path.relpath(entry, self.root).replace(os.sep, "/")
+
+    def _record(self, entry: os.DirEntry | Path, label: str, split: str) -> Record:
         problem = ""
-        if file.is_symlink():
-            target = file.resolve()
+        if entry.is_symlink():
+            target = Path(entry).resolve()
             if not target.is_relative_to(self.root.resolve()):
                 problem = f"symbolic link to {target}, outside the source folder"
-        return Record(rel, label, split, problem)
+        return Record(self._relative(entry), label, split, problem)
 
     def _folder_records(self) -> Iterator[Record]:
         top = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
@@ -110,38 +121,42 @@ class Source:
                     if class_dir.is_file():
                         yield self._record(class_dir, "", split)
                     else:
-                        for file in self._files(class_dir):
-                            yield self._record(file, class_dir.name, split)
+                        yield from self._class_records(class_dir, split)
             else:
-                for file in self._files(entry):
-                    yield self._record(file, entry.name, "")
+                yield from self._class_records(entry, "")
+
+    def _class_records(self, folder: Path, split: str) -> Iterator[Record]:
+        empty = True
+        for file in self._files(folder):
+            empty = False
+            yield self._record(file, folder.name, split)
+        if empty:  # no input to list, but a class the user expects may be missing: say so
+            log.warning("%s/ holds no files, so there is no class %r from it", self._relative(folder), folder.name)
 
     def _csv_records(self) -> Iterator[Record]:
         labels = read_labels_csv(self.root, self.labels_csv)
-        by_stem: dict[str, list[Path]] = {}
-        csv_file = (self.root / self.labels_csv).resolve()
-        files = [f for f in self._files(self.root) if f.resolve() != csv_file]
-        for f in files:
-            by_stem.setdefault(f.stem, []).append(f)
+        csv_file = self._relative(self.root / self.labels_csv)
+        files = {rel: f for f in self._files(self.root) if (rel := self._relative(f)) != csv_file}
+        by_stem: dict[str, list[str]] = {}
+        for rel in files:
+            by_stem.setdefault(Path(rel).stem, []).append(rel)
         resolved: dict[str, str] = {}
         for line, (key, label) in labels.items():
-            file = self.root / key
-            if not file.is_file():
+            rel = self._relative(self.root / key)
+            if rel not in files:
                 matches = by_stem.get(key, [])
                 if len(matches) > 1:
-                    names = ", ".join(m.relative_to(self.root).as_posix() for m in matches[:3])
+                    names = ", ".join(matches[:3])
                     raise SourceError(f"{self.labels_csv} line {line}: id {key!r} matches several files ({names})")
                 if not matches:
                     raise SourceError(f"{self.labels_csv} line {line}: {key!r} names no file in {self.root}")
-                file = matches[0]
-            rel = file.relative_to(self.root).as_posix()
+                rel = matches[0]
             if rel in resolved and resolved[rel] != label:
                 raise SourceError(
                     f"{self.labels_csv} line {line}: {rel!r} is labelled {label!r} here and {resolved[rel]!r} earlier"
                 )
             resolved[rel] = label
-        for f in files:  # files the CSV does not name are inputs too: listed without a label
-            rel = f.relative_to(self.root).as_posix()
+        for rel, f in files.items():  # files the CSV does not name are inputs too: listed without a label
             yield self._record(f, resolved.get(rel, ""), "")
 
     def _idx_records(self) -> Iterator[Record]:
@@ -170,7 +185,13 @@ class Source:
         """The bytes that identify an image: the file, or for IDX the image's raw pixels."""
         if self.layout == "idx":
             return self.read_idx_pixels(path).tobytes()
-        return (self.root / path).read_bytes()
+        return read_file(self.root, path)
+
+    def read_image(self, path: str) -> imagefile.Decoded:
+        """The image at `path`, decoded (for IDX: its pixels), or the reason it cannot be."""
+        if self.layout == "idx":
+            return imagefile.Decoded(self.read_idx_pixels(path), "")
+        return imagefile.decode(self.read_bytes(path))
 
     def read_idx_pixels(self, path: str) -> np.ndarray:
         name, _, index = path.rpartition(IDX_REF)
@@ -194,6 +215,12 @@ class Source:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_file(root: str | Path, path: str) -> bytes:
+    """The bytes of the file at `path` (relative to the source folder `root`)."""
+    with open(os.path.join(root, path), "rb") as fh:
+        return fh.read()
 
 
 def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:

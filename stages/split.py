@@ -17,6 +17,15 @@ when a small class grows, more images of the other classes stay in val/test.
 `split.max_train_per_class` / `max_val_per_class` cap a split (lowest ids first); the surplus
 is kept in the output as split `unused`, so every image is still accounted for.
 
+Near-duplicates (validate's `group` column: a group is named by its smallest id) stay in one
+split, or a near-copy of a test image would be trained on. The bucket is that of the group's
+name, so a whole group falls in the same split, and an image without near-duplicates (its
+own group) keeps the bucket of its own id, as before. Balancing and caps count images, so
+their cut can fall inside a group: the whole group then follows its smallest id, and those
+counts are exact up to the size of one group. With `source`, a split the source gave is never
+changed, so a group is only kept together within each source split (validate reports groups
+that cross the source's split).
+
 Output: `paths.split`, the accepted manifest plus `bucket` and `split` columns.
 """
 
@@ -64,16 +73,16 @@ def source_assign(frame: pd.DataFrame, buckets: pd.Series, p: Split) -> pd.Serie
     return out
 
 
-def keep_first(frame: pd.DataFrame, mask: pd.Series, per_class: int | pd.Series) -> pd.Series:
-    """Of the rows in `mask`, which are among the first `per_class` of their class by id."""
-    rank = frame.loc[mask].sort_values("id").groupby("label").cumcount()
+def keep_first(frame: pd.DataFrame, mask: pd.Series, per_class: int | pd.Series, order: pd.Series) -> pd.Series:
+    """Of the rows in `mask`, which are among the first `per_class` of their class in `order`."""
+    rank = frame.loc[order[mask].sort_values().index].groupby("label").cumcount()
     limit = per_class if np.isscalar(per_class) else frame.loc[rank.index, "label"].map(per_class)
     keep = pd.Series(False, index=frame.index)
     keep[rank.index] = rank < limit
     return keep
 
 
-def balance(frame: pd.DataFrame, split: pd.Series, name: str, classes: list[str]) -> pd.Series:
+def balance(frame: pd.DataFrame, split: pd.Series, name: str, classes: list[str], order: pd.Series) -> pd.Series:
     """Trim split `name` to the same count per class; the surplus goes to train."""
     mask = split == name
     counts = frame.loc[mask, "label"].value_counts().reindex(classes, fill_value=0)
@@ -82,26 +91,38 @@ def balance(frame: pd.DataFrame, split: pd.Series, name: str, classes: list[str]
         empty = counts[counts == 0].index.tolist()
         log.warning("not balancing %s: classes %s have no image there", name, empty)
         return split
-    keep = keep_first(frame, mask, smallest)
+    keep = keep_first(frame, mask, smallest, order)
     split = split.copy()
     split[mask & ~keep] = "train"
     return split
 
 
-def cap(frame: pd.DataFrame, split: pd.Series, name: str, limit: int) -> pd.Series:
+def cap(frame: pd.DataFrame, split: pd.Series, name: str, limit: int, order: pd.Series) -> pd.Series:
     if limit <= 0:
         return split
     mask = split == name
-    keep = keep_first(frame, mask, limit)
+    keep = keep_first(frame, mask, limit, order)
     split = split.copy()
     split[mask & ~keep] = "unused"
     return split
 
 
+def keep_groups_together(split: pd.Series, keys: pd.Series, order: pd.Series) -> pd.Series:
+    """Every row takes the split of the first row in `order` with the same key."""
+    rows = pd.DataFrame({"key": keys, "split": split}).loc[order.sort_values().index]
+    return rows.groupby("key")["split"].transform("first").reindex(split.index)
+
+
 def assign(frame: pd.DataFrame, p: Split) -> pd.DataFrame:
     """The accepted manifest with `bucket` and `split` columns: the pure core of the stage."""
     out = frame.reset_index(drop=True)
-    out["bucket"] = out["id"].map(bucket)
+    # an accepted list without groups (written by hand, say) splits image by image
+    group = out["group"] if "group" in out.columns else out["id"]
+    out["bucket"] = group.map(bucket)
+    # Balancing and caps keep images in this order: lowest ids first, as before, except that a
+    # group's members come together, right after its name (its smallest id). A cut then falls
+    # inside one group at most, and that group follows its first member.
+    order = group + out["id"]
     classes = sorted(out["label"].unique())
     if p.method == "hash":
         split, by_hash = hash_assign(out["bucket"], p), ["val", "test"]
@@ -110,17 +131,18 @@ def assign(frame: pd.DataFrame, p: Split) -> pd.DataFrame:
         by_hash = [] if (out["source_split"] == "val").any() else ["val"]
     if p.balance:
         for name in by_hash:
-            split = balance(out, split, name, classes)
-    split = cap(out, split, "train", p.max_train_per_class)
-    split = cap(out, split, "val", p.max_val_per_class)
-    out["split"] = split
+            split = balance(out, split, name, classes, order)
+    split = cap(out, split, "train", p.max_train_per_class, order)
+    split = cap(out, split, "val", p.max_val_per_class, order)
+    keys = group if p.method == "hash" else group + "/" + out["source_split"]
+    out["split"] = keep_groups_together(split, keys, order)
     return out
 
 
 def run(params: Params) -> None:
     try:
-        frame = pd.read_csv(params.paths.accepted, dtype={"id": str, "label": str, "path": str, "source_split": str},
-                            keep_default_na=False)
+        frame = pd.read_csv(params.paths.accepted, keep_default_na=False,
+                            dtype={"id": str, "label": str, "path": str, "source_split": str, "group": str})
     except FileNotFoundError:
         raise StageError(f"{params.paths.accepted} not found; run the validate stage first") from None
     if frame.empty:

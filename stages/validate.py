@@ -1,40 +1,55 @@
-"""validate: per-image checks and a Great Expectations suite over the ingest manifest.
+"""validate: per-image checks, dataset checks and a Great Expectations suite over the manifest.
 
 Every input row ends up in exactly one place: the accepted list (what `split` reads) or the
-quarantine list, with a reason a user can act on. The GX suites (stages/expectations.py) then
-check the result and gate the pipeline; their Data Docs site is the report a reviewer opens.
+quarantine list, with a reason a user can act on. A quarantined file is never moved or deleted.
+The GX suites (stages/expectations.py) then check the result and gate the pipeline; their Data
+Docs site is the detailed report, and summary.md the one page a reviewer reads first.
+
+Dataset checks: images per class and the imbalance ratio; exact duplicates and the same bytes
+under two labels (both quarantined); near-duplicates, images whose perceptual hashes differ in
+at most `validate.near_duplicate_distance` bits (stages/near_duplicates.py). Near-duplicates are
+kept, but grouped: the accepted list's `group` column names each image's group by its smallest
+id (an image with no near-duplicate is its own group), and `split` keeps a group in one split,
+so a near-copy of a test image never trains the model. Groups that mix labels, or that span the
+train/val/test split the source came with (leakage `split` cannot undo), are reported.
 
 Outputs (paths from params.yaml):
-    paths.accepted                      the accepted manifest rows, same columns, manifest order
+    paths.accepted                      the accepted manifest rows, same columns + `group`, manifest order
     <data_quality>/quarantine.csv       path,reason,detail, manifest order
     <data_quality>/site/index.html      the Data Docs report
     <data_quality>/summary.json         counts and expectation results (a DVC metric)
+    <data_quality>/summary.md           the one-page summary; its pictures in summary_files/
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from stages import atomic, expectations
+from stages import atomic, expectations, near_duplicates, quality_report
 from stages.cli import StageError, stage_main
 from stages.params import Params, Validate
+from stages.sources import Source, SourceError
 
 log = logging.getLogger(__name__)
 
+FACTS = ["sharpness", "brightness", "contrast", "phash"]
 COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
-           "error"]
+           "error", *FACTS]
 # text stays text: a class called "0" is not a number
-_DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error")},
-           **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes")}}
+_DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error", "phash")},
+           **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes")},
+           **{c: "float64" for c in ("sharpness", "brightness", "contrast")}}
 
 # quarantine rules, in the order they are tried: a row gets the first that applies
-RULES = ("unreadable", "no label", "too small", "too large", "channel count", "label conflict", "duplicate")
+RULES = ("unreadable", "no label", "unknown label", "too small", "too large", "channel count", "label conflict",
+         "duplicate")
 
-_NOT_DECODED = "not decoded: the manifest has no size or channel count for it"
+_NOT_DECODED = "not decoded: the manifest has no size, channel count or image facts for it"
 
 
 # --- pure core -------------------------------------------------------------------------------
@@ -44,20 +59,22 @@ class Triage:
     """Where each manifest row went."""
 
     decisions: pd.DataFrame  # per manifest row: rule, reason, detail (rule NaN = accepted)
-    accepted: pd.DataFrame  # the accepted manifest rows, manifest order
+    accepted: pd.DataFrame  # the accepted manifest rows + `group`, manifest order
     quarantine: pd.DataFrame  # path, rule, reason, detail of the others, manifest order
-    classes: pd.DataFrame  # label, accepted: one row per known class
+    classes: pd.DataFrame  # label, accepted, imbalance: one row per known class
+    groups: pd.DataFrame  # one row per near-duplicate group of two or more accepted images
 
 
 def triage(manifest: pd.DataFrame, rules: Validate) -> Triage:
-    decisions = decide(manifest, rules)
+    labels = known_labels(manifest, rules)
+    decisions = decide(manifest, rules, labels)
     keep = decisions["rule"].isna()
-    accepted = manifest[keep]
+    accepted = manifest[keep].assign(group=group_ids(manifest[keep], rules.near_duplicate_distance))
     quarantine = pd.concat([manifest.loc[~keep, ["path"]], decisions[~keep]], axis=1)
-    return Triage(decisions, accepted, quarantine, class_counts(accepted, known_labels(manifest)))
+    return Triage(decisions, accepted, quarantine, class_counts(accepted, labels), near_duplicate_groups(accepted))
 
 
-def decide(manifest: pd.DataFrame, rules: Validate) -> pd.DataFrame:
+def decide(manifest: pd.DataFrame, rules: Validate, labels: list[str]) -> pd.DataFrame:
     """Quarantine decisions, one row per manifest row (same index).
 
     Columns: rule (one of RULES, or NaN when the row is accepted), reason (for the user),
@@ -81,9 +98,11 @@ def decide(manifest: pd.DataFrame, rules: Validate) -> pd.DataFrame:
         return rows["width"].astype(str) + "x" + rows["height"].astype(str)
 
     width, height, channels = manifest["width"], manifest["height"], manifest["channels"]
-    quarantine("unreadable", manifest["error"].notna() | width.isna() | height.isna() | channels.isna(),
-               lambda rows: rows["error"].fillna(_NOT_DECODED))
-    quarantine("no label", ~manifest["label"].isin(known_labels(manifest)), lambda rows: "no label")
+    undecoded = width.isna() | height.isna() | channels.isna() | manifest["phash"].isna()
+    quarantine("unreadable", manifest["error"].notna() | undecoded, lambda rows: rows["error"].fillna(_NOT_DECODED))
+    quarantine("no label", ~manifest["label"].isin(labels_found(manifest)), lambda rows: "no label")
+    quarantine("unknown label", ~manifest["label"].isin(labels),
+               lambda rows: "unknown label '" + rows["label"] + "' (not in validate.classes)")
     quarantine("too small", (width < rules.min_width) | (height < rules.min_height),
                lambda rows: "too small: " + size(rows) + f" pixels, minimum {rules.min_width}x{rules.min_height}")
     quarantine("too large", (width > rules.max_width) | (height > rules.max_height),
@@ -108,16 +127,54 @@ def decide(manifest: pd.DataFrame, rules: Validate) -> pd.DataFrame:
     return out
 
 
-def known_labels(manifest: pd.DataFrame) -> list[str]:
-    """The classes: every label in the manifest that is not blank, sorted."""
+def labels_found(manifest: pd.DataFrame) -> list[str]:
+    """Every label in the manifest that is not blank, sorted."""
     # strip the distinct labels only: there are few of them, and millions of rows
     return sorted(label for label in manifest["label"].dropna().unique() if label.strip())
 
 
+def known_labels(manifest: pd.DataFrame, rules: Validate) -> list[str]:
+    """The classes: `validate.classes` when given, else the labels found in the manifest; sorted."""
+    return sorted(rules.classes) if rules.classes else labels_found(manifest)
+
+
+def group_ids(accepted: pd.DataFrame, max_distance: int) -> pd.Series:
+    """Each image's near-duplicate group, named by the group's smallest id (its own id when alone).
+
+    The smallest id, not the first in manifest order: a group's name (and so its split) then does
+    not depend on file names or on the order the source lists its files.
+    """
+    number = near_duplicates.groups(near_duplicates.parse(accepted["phash"]), max_distance)
+    return accepted["id"].groupby(number).transform("min")
+
+
+def near_duplicate_groups(accepted: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of two or more accepted images: group (its id), path (the image with that id),
+    images, labels and source_splits (how many distinct ones the group holds), sorted by group."""
+    members = accepted[accepted["group"].duplicated(keep=False)]
+    by_group = members.groupby("group")
+    return pd.DataFrame({
+        "path": members[members["id"] == members["group"]].set_index("group")["path"],
+        "images": by_group.size(),
+        "labels": by_group["label"].nunique(),
+        "source_splits": by_group["source_split"].nunique(),  # a missing split is not counted
+    }).rename_axis("group").reset_index()
+
+
 def class_counts(accepted: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """One row per known class with its accepted images (0 when all of them were quarantined)."""
-    counts = accepted["label"].value_counts().reindex(labels, fill_value=0)
-    return pd.DataFrame({"label": labels, "accepted": counts.to_numpy(dtype="int64")})
+    """One row per known class: its accepted images (0 when all were quarantined) and `imbalance`,
+    the largest class's count over this one's (missing for an empty class)."""
+    counts = accepted["label"].value_counts().reindex(labels, fill_value=0).to_numpy(dtype="int64")
+    largest = counts.max() if len(counts) else 0
+    imbalance = (largest / pd.Series(counts, dtype="float64")).where(counts > 0).round(3)
+    return pd.DataFrame({"label": labels, "accepted": counts, "imbalance": imbalance.to_numpy()})
+
+
+def imbalance_ratio(classes: pd.DataFrame) -> float | None:
+    """The largest class over the smallest; None when a class is empty (no ratio describes that)."""
+    if classes.empty or (classes["accepted"] == 0).any():
+        return None
+    return round(float(classes["accepted"].max() / classes["accepted"].min()), 3)
 
 
 def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str) -> dict:
@@ -127,13 +184,22 @@ def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str)
     assert inputs == ingested + quarantined, (inputs, ingested, quarantined)
     reasons = result.quarantine["rule"].value_counts().reindex(list(RULES), fill_value=0)
     failed = [o for o in outcomes if not o.success]
+    groups = result.groups
     return {
         "inputs": inputs,
         "ingested": ingested,
         "quarantined": quarantined,
         "quarantined_fraction": round(quarantined / inputs, 6),
         "classes": {str(k): int(v) for k, v in zip(result.classes["label"], result.classes["accepted"])},
+        "imbalance_ratio": imbalance_ratio(result.classes),
         "quarantine_reasons": {str(k): int(v) for k, v in reasons.items()},
+        "near_duplicates": {
+            "groups": len(groups),
+            "images": int(groups["images"].sum()),
+            "largest_group": int(groups["images"].max()) if len(groups) else 0,
+            "groups_mixing_labels": int((groups["labels"] > 1).sum()),
+            "groups_across_source_splits": int((groups["source_splits"] > 1).sum()),
+        },
         "expectations": {
             "passed": len(outcomes) - len(failed),
             "failed": len(failed),
@@ -182,7 +248,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         raise StageError(f"{path}: not a readable manifest: {exc}") from None
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise StageError(f"{path}: manifest lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+        raise StageError(f"{path}: manifest lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)} "
+                         "(re-run the ingest stage)")
     if frame.empty:
         raise StageError(f"{path}: the manifest has no rows; nothing to validate")
     return frame[COLUMNS]
@@ -196,10 +263,11 @@ def run(params: Params) -> None:
 
     result = triage(manifest, rules)
     labels = list(result.classes["label"])
-    log.info("accepted %d, quarantined %d, %d classes", len(result.accepted), len(result.quarantine), len(labels))
+    log.info("accepted %d, quarantined %d, %d classes, %d near-duplicate groups",
+             len(result.accepted), len(result.quarantine), len(labels), len(result.groups))
 
     tables = expectations.tables(manifest.assign(quarantine_reason=result.decisions["rule"]),
-                                 result.accepted, result.classes)
+                                 result.accepted, result.groups, result.classes)
     with atomic.atomic_dir(dq / "site") as site:
         outcomes = expectations.check(tables, expectations.suites(rules, labels), site)
     log.info("great expectations: %d of %d expectations passed; report: %s",
@@ -208,11 +276,27 @@ def run(params: Params) -> None:
     # written before the gate, so that a failed run still leaves the report to read
     atomic.write_csv(params.paths.accepted, result.accepted)
     atomic.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
-    atomic.write_json(dq / "summary.json", summarise(result, outcomes, report))
+    summary = summarise(result, outcomes, report)
+    atomic.write_json(dq / "summary.json", summary)
+    write_summary_page(params, result, summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
     if message:
         raise StageError(message)
+
+
+def write_summary_page(params: Params, result: Triage, summary: dict, dq: Path) -> None:
+    """summary.md and, in summary_files/, the class histogram and the offenders' thumbnails."""
+    p = params.ingest
+    try:
+        source = Source(p.source, p.layout, p.labels_csv)
+    except SourceError as exc:  # the page is still worth having without thumbnails
+        log.warning("summary without thumbnails: %s", exc)
+        source = None
+    with source or contextlib.nullcontext(), atomic.atomic_dir(dq / quality_report.FILES) as files:
+        page = quality_report.write(result, summary, params.validate, source, files)
+    atomic.write_text(dq / "summary.md", page)
+    log.info("summary: %s", dq / "summary.md")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The validate stage: per-image quarantine rules, the Great Expectations gate, its outputs.
+"""The validate stage: per-image quarantine rules, dataset checks, the Great Expectations gate,
+its outputs (summary.json, quarantine.csv, Data Docs, summary.md).
 
 Real pandas, real Great Expectations, tiny manifests written to tmp_path.
 """
@@ -17,16 +18,21 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from stages import validate  # noqa: E402
 from stages.cli import StageError  # noqa: E402
-from stages.params import params_from_dict  # noqa: E402
+from stages.params import ParamsError, params_from_dict  # noqa: E402
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
 
+def phash(n: int) -> str:
+    """A distinct 64-bit hash per n (multiplying by an odd number is a bijection mod 2^64)."""
+    return f"{(n * 0x9E3779B97F4A7C15) % 2**64:016x}"
+
+
 def row(n: int, label: str = "cat", **fields) -> dict:
-    """A good 28x28 grey PNG row; `fields` override any column."""
+    """A good 28x28 grey PNG row with unremarkable facts; `fields` override any column."""
     return {"id": f"{n:040x}", "label": label, "path": f"{label}/{n}.png", "source_split": "", "format": "png",
             "width": "28", "height": "28", "channels": "1", "bit_depth": "8", "bytes": "300", "error": "",
-            **fields}
+            "sharpness": "500.0", "brightness": "100.0", "contrast": "50.0", "phash": phash(n), **fields}
 
 
 def good(label: str, count: int, start: int) -> list[dict]:
@@ -46,6 +52,7 @@ def params(tmp_path, **rules):
     return params_from_dict({
         "paths": {"manifest": str(tmp_path / "manifest.csv"), "accepted": str(tmp_path / "accepted.csv"),
                   "data_quality": str(tmp_path / "dq")},
+        "ingest": {"source": str(tmp_path / "no-source")},  # summary.md then has no thumbnails
         "validate": rules,
     })
 
@@ -66,7 +73,9 @@ def reasons(result: validate.Triage) -> dict[str, str]:
       "bit_depth": ""}, "cannot decode: truncated or corrupt jpeg"),
     ({"error": "empty file", "format": "unknown", "width": "", "height": "", "channels": "", "bit_depth": "",
       "bytes": "0"}, "empty file"),
-    ({"width": "", "height": "", "channels": ""}, "not decoded: the manifest has no size or channel count for it"),
+    ({"width": "", "height": "", "channels": ""},
+     "not decoded: the manifest has no size, channel count or image facts for it"),
+    ({"phash": ""}, "not decoded: the manifest has no size, channel count or image facts for it"),
     ({"label": ""}, "no label"),
     ({"label": "   "}, "no label"),
     ({"width": "4"}, "too small: 4x28 pixels, minimum 8x8"),
@@ -140,6 +149,48 @@ def test_class_whose_images_are_all_quarantined_counts_zero(tmp_path):
     assert dict(zip(result.classes["label"], result.classes["accepted"])) == {"cat": 1, "dog": 0}
 
 
+def test_unknown_label_is_quarantined_when_classes_are_listed(tmp_path):
+    rows = [row(0, "cat"), row(1, "dgo"), row(2, "dog"), row(3, "", path="none.png")]
+    result = triage(tmp_path, rows, classes=["cat", "dog", "bird"])
+    assert reasons(result) == {"dgo/1.png": "unknown label 'dgo' (not in validate.classes)", "none.png": "no label"}
+    # a listed class with no image is a class with 0 images (and fails min_images_per_class)
+    assert dict(zip(result.classes["label"], result.classes["accepted"])) == {"bird": 0, "cat": 1, "dog": 1}
+    # without the list, every label found is a class
+    assert set(triage(tmp_path, rows).classes["label"]) == {"cat", "dgo", "dog"}
+
+
+def flip(hex_hash: str, *bits: int) -> str:
+    """The hash with the given bits flipped: a near-duplicate at distance len(bits)."""
+    value = int(hex_hash, 16)
+    for bit in bits:
+        value ^= 1 << bit
+    return f"{value:016x}"
+
+
+def test_near_duplicates_are_grouped_under_their_smallest_id(tmp_path):
+    base = phash(7)
+    rows = [row(9, phash=base), row(5, phash=flip(base, 1, 2)), row(8, phash=flip(base, 1, 2, 3, 4)),
+            row(1), row(6, "dog", phash=base)]
+    result = triage(tmp_path, rows, near_duplicate_distance=2)
+    # 9 ~ 5 (2 bits), 5 ~ 8 (2 bits): one group although 9 and 8 are 4 bits apart; 6 has 9's hash
+    assert dict(zip(result.accepted["id"].str[-1], result.accepted["group"].str[-1])) == {
+        "9": "5", "5": "5", "8": "5", "1": "1", "6": "5"}
+    assert result.groups.to_dict("records") == [
+        {"group": f"{5:040x}", "path": "cat/5.png", "images": 4, "labels": 2, "source_splits": 0}]
+    # distance 0: only identical hashes
+    zero = triage(tmp_path, rows, near_duplicate_distance=0)
+    assert zero.groups[["group", "images"]].to_dict("records") == [{"group": f"{6:040x}", "images": 2}]
+
+
+def test_class_imbalance_is_the_largest_class_over_each(tmp_path):
+    result = triage(tmp_path, [*good("cat", 6, 0), *good("dog", 2, 100), row(200, "eel", width="1")])
+    classes = result.classes.astype(object).where(result.classes.notna(), None)
+    assert classes.to_dict("list") == {"label": ["cat", "dog", "eel"], "accepted": [6, 2, 0],
+                                       "imbalance": [1.0, 3.0, None]}
+    assert validate.imbalance_ratio(result.classes) is None  # an empty class: no ratio
+    assert validate.imbalance_ratio(result.classes.iloc[:2]) == 3.0
+
+
 def test_unreadable_manifest_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="manifest not found"):
         validate.read_manifest(tmp_path / "nope.csv")
@@ -185,11 +236,14 @@ def test_clean_run_writes_every_output(tmp_path):
     assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (21, 20, 1)
     assert summary["inputs"] == summary["ingested"] + summary["quarantined"]
     assert summary["classes"] == {"cat": 10, "dog": 10}
-    assert summary["quarantine_reasons"] == {"unreadable": 1, "no label": 0, "too small": 0, "too large": 0,
-                                             "channel count": 0, "label conflict": 0, "duplicate": 0}
+    assert summary["imbalance_ratio"] == 1.0
+    assert summary["quarantine_reasons"] == {"unreadable": 1, "no label": 0, "unknown label": 0, "too small": 0,
+                                             "too large": 0, "channel count": 0, "label conflict": 0, "duplicate": 0}
+    assert summary["near_duplicates"] == {"groups": 0, "images": 0, "largest_group": 0, "groups_mixing_labels": 0,
+                                          "groups_across_source_splits": 0}
     assert summary["success"] is True
     results = summary["expectations"]["results"]
-    assert summary["expectations"] == {"passed": 9, "failed": 0, "results": results}
+    assert summary["expectations"] == {"passed": 16, "failed": 0, "results": results}
     assert [(r["table"], r["expectation"], r["column"], r["critical"]) for r in results] == [
         ("image_manifest", "expect_column_values_to_be_null", "quarantine_reason", True),
         ("image_manifest", "expect_column_values_to_be_null", "error", False),
@@ -199,7 +253,14 @@ def test_clean_run_writes_every_output(tmp_path):
         ("accepted_images", "expect_column_values_to_be_between", "width", True),
         ("accepted_images", "expect_column_values_to_be_between", "height", True),
         ("accepted_images", "expect_column_values_to_be_in_set", "channels", True),
+        ("accepted_images", "expect_column_values_to_be_between", "sharpness", False),
+        ("accepted_images", "expect_column_values_to_be_between", "brightness", False),
+        ("accepted_images", "expect_column_values_to_be_between", "contrast", False),
+        ("accepted_images", "expect_column_values_to_be_between", "near_duplicates", False),
+        ("near_duplicate_groups", "expect_column_values_to_be_between", "labels", False),
+        ("near_duplicate_groups", "expect_column_values_to_be_between", "source_splits", False),
         ("class_counts", "expect_column_values_to_be_between", "accepted", True),
+        ("class_counts", "expect_column_values_to_be_between", "imbalance", False),
     ]
     assert [(r["element_count"], r["unexpected_count"]) for r in results[:3]] == [(21, 1), (21, 1), (20, 0)]
 
@@ -207,16 +268,21 @@ def test_clean_run_writes_every_output(tmp_path):
         {"path": "dog/broken.jpg", "reason": "cannot decode: truncated or corrupt jpeg", "detail": f"id={200:040x}"}]
     accepted = (tmp_path / "accepted.csv").read_text().splitlines()
     manifest = (tmp_path / "manifest.csv").read_text().splitlines()
-    assert accepted == manifest[:21]  # header + the 20 good rows, same columns, same order
+    # the good rows, same columns and order, plus `group`: each image is its own group here
+    assert accepted == [manifest[0] + ",group"] + [line + "," + line[:40] for line in manifest[1:21]]
 
     index = (tmp_path / "dq" / "site" / "index.html").read_text()
-    for suite in ("image_manifest", "accepted_images", "class_counts"):
+    for suite in ("image_manifest", "accepted_images", "near_duplicate_groups", "class_counts"):
         assert suite in index
+    page = (tmp_path / "dq" / "summary.md").read_text()
+    assert page.startswith("# Data quality: passed\n\n**21** inputs: **20** accepted, **1** quarantined (4.8%).")
+    assert (tmp_path / "dq" / "summary_files" / "classes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in (tmp_path / "dq").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path):
-    files = [tmp_path / "dq" / "summary.json", tmp_path / "dq" / "quarantine.csv", tmp_path / "accepted.csv"]
+    files = [tmp_path / "dq" / "summary.json", tmp_path / "dq" / "quarantine.csv", tmp_path / "accepted.csv",
+             tmp_path / "dq" / "summary.md", tmp_path / "dq" / "summary_files" / "classes.png"]
     run_stage(tmp_path, CLEAN)
     first = [f.read_bytes() for f in files]
     run_stage(tmp_path, CLEAN)
@@ -267,7 +333,60 @@ def test_everything_quarantined_fails_cleanly(tmp_path):
     summary, quarantine = outputs(tmp_path)
     assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (3, 0, 3)
     assert list(quarantine["reason"]) == ["empty file"] * 3
-    assert (tmp_path / "accepted.csv").read_text() == ",".join(validate.COLUMNS) + "\n"
+    assert (tmp_path / "accepted.csv").read_text() == ",".join([*validate.COLUMNS, "group"]) + "\n"
+
+
+def test_listed_class_without_images_fails_the_stage(tmp_path):
+    message = run_stage(tmp_path, [*good("cat", 10, 0), *good("dog", 10, 100)], classes=["bird", "cat", "dog"])
+    assert "Every class has at least 10 accepted images [expect_column_values_to_be_between on " \
+           "class_counts.accepted]: 1 of 3 classes unexpected, e.g. bird (0)" in message
+    summary, _ = outputs(tmp_path)
+    assert summary["classes"] == {"bird": 0, "cat": 10, "dog": 10} and summary["imbalance_ratio"] is None
+
+
+def test_warnings_are_reported_and_do_not_fail_the_stage(tmp_path):
+    base = phash(500)
+    rows = [*good("cat", 30, 0), *good("dog", 10, 100),
+            row(300, "cat", path="cat/blurry.png", sharpness="1.5"),
+            row(301, "cat", path="cat/dark.png", brightness="3.25"),
+            row(302, "dog", path="dog/bright.png", brightness="250.0"),
+            row(303, "dog", path="dog/flat.png", contrast="2.0"),
+            # a near-copy under two labels, and across the source's train/test split
+            row(304, "cat", path="train/cat/x.png", source_split="train", phash=base),
+            row(305, "dog", path="test/dog/x.png", source_split="test", phash=base)]
+    assert run_stage(tmp_path, rows, max_imbalance_ratio=2.5) is None
+    summary, _ = outputs(tmp_path)
+    assert summary["success"] is True and summary["imbalance_ratio"] == 2.538  # 33 cats, 13 dogs
+    failed = {(r["table"], r["column"]): r["unexpected_count"]
+              for r in summary["expectations"]["results"] if not r["success"]}
+    assert failed == {("accepted_images", "sharpness"): 1, ("accepted_images", "brightness"): 2,
+                      ("accepted_images", "contrast"): 1, ("accepted_images", "near_duplicates"): 2,
+                      ("near_duplicate_groups", "labels"): 1, ("near_duplicate_groups", "source_splits"): 1,
+                      ("class_counts", "imbalance"): 1}
+    assert all(not r["critical"] for r in summary["expectations"]["results"] if not r["success"])
+    assert summary["near_duplicates"] == {"groups": 1, "images": 2, "largest_group": 2, "groups_mixing_labels": 1,
+                                          "groups_across_source_splits": 1}
+
+    page = (tmp_path / "dq" / "summary.md").read_text()
+    assert "| warning | Images are sharp: variance of the Laplacian at least 5 | `accepted_images.sharpness` | " \
+           "1 of 46 |" in page
+    assert "### Blurriest: 1 image(s) with variance of the Laplacian under 5" in page
+    assert "| (no thumbnail) | cat/blurry.png | cat | 1.5 |" in page  # the source folder is gone
+    assert "### Darkest: 1 image(s)" in page and "### Brightest: 1 image(s)" in page
+    assert "### Flattest: 1 image(s)" in page
+    assert "| train/cat/x.png | 2 | 2 | 2 | (no thumbnail) (no thumbnail) |" in page
+    assert "Imbalance (largest class over smallest): 2.538; warning above 2.5." in page
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"near_duplicate_distance": 17}, "validate.near_duplicate_distance must be between 0 and 16"),
+    ({"min_brightness": 200, "max_brightness": 100}, "validate.min_brightness and validate.max_brightness"),
+    ({"max_imbalance_ratio": 0.5}, "validate.max_imbalance_ratio must be >= 1"),
+    ({"classes": ["cat", "cat"]}, "validate.classes must be distinct, non-blank class names"),
+])
+def test_bad_thresholds_are_named(tmp_path, rules, message):
+    with pytest.raises(ParamsError, match=message):
+        params(tmp_path, **rules)
 
 
 def test_main_reports_the_failure_without_a_traceback(tmp_path, monkeypatch, capsys):

@@ -84,3 +84,57 @@ def test_caps_mark_the_surplus_unused():
     assert train["a"] == 50 and train["b"] == 50
     assert len(out) == 580  # nothing dropped: the surplus is `unused`
     assert (out.split == "unused").sum() == 580 - 100 - out.split.isin(["val", "test"]).sum()
+
+
+# --- near-duplicate groups (validate's `group` column) stay in one split ---------------------
+
+def with_groups(data: pd.DataFrame, size: int = 4) -> pd.DataFrame:
+    """Every `size` consecutive rows of a class form a group named by its smallest id."""
+    data = data.copy()
+    data["group"] = data.groupby([data["label"], data.groupby("label").cumcount() // size])["id"].transform("min")
+    return data
+
+
+def test_a_group_shares_one_split_and_the_bucket_of_its_name():
+    p = Split(method="hash", test_buckets=(0, 63), val_buckets=(64, 127), balance=False)
+    out = assign(with_groups(frame({"a": 300, "b": 300})), p)
+    assert (out.groupby("group")["split"].nunique() == 1).all()
+    assert (out["bucket"] == out["group"].map(bucket)).all()
+    assert set(out["split"]) == {"train", "val", "test"}
+
+
+def test_images_without_near_duplicates_keep_their_split():
+    p = Split(method="hash", balance=False)
+    data = frame({"a": 200, "b": 200})
+    grouped = data.copy()
+    grouped["group"] = grouped["id"]
+    grouped.loc[:3, "group"] = grouped.loc[:3, "id"].min()  # one group of four; the rest alone
+    before, after = assign(data, p).set_index("id"), assign(grouped, p).set_index("id")
+    alone = grouped.loc[4:, "id"]
+    assert (after.loc[alone, "split"] == before.loc[alone, "split"]).all()
+    assert (after.loc[alone, "bucket"] == before.loc[alone, "bucket"]).all()
+
+
+def test_balancing_and_caps_never_split_a_group():
+    data = with_groups(frame({"big": 900, "mid": 400, "small": 120}), size=3)
+    p = Split(method="hash", test_buckets=(0, 50), val_buckets=(51, 101), balance=True, max_train_per_class=200,
+              max_val_per_class=30)
+    out = assign(data, p)
+    assert (out.groupby("group")["split"].nunique() == 1).all()
+    assert len(out) == len(data)  # nothing dropped
+    # balance and caps hold up to one group's size (3)
+    for name in ("val", "test"):
+        counts = out[out.split == name].label.value_counts()
+        assert counts.max() - counts.min() <= 3, counts
+    assert out[out.split == "train"].label.value_counts().max() <= 200 + 3
+
+
+def test_source_split_is_kept_and_groups_are_kept_together_within_it():
+    data = with_groups(frame({"a": 400, "b": 400}), size=2)
+    data["source_split"] = ["test" if i % 2 else "train" for i in range(len(data))]  # every group crosses
+    data.loc[data.index % 10 == 0, "source_split"] = "test"  # and some lie within the test split
+    out = assign(data, Split(method="source", val_buckets=(26, 76), test_buckets=(0, 25)))
+    assert (out["split"][data["source_split"] == "test"] == "test").all()  # the source's split is never changed
+    assert not (out["split"][data["source_split"] == "train"] == "test").any()
+    per_source = out.groupby([out["group"], data["source_split"]])["split"].nunique()
+    assert (per_source == 1).all()

@@ -1,0 +1,285 @@
+"""Validation benchmark: the per-image work of ingest + validate against a bare decode loop.
+
+    python bench/validate_bench.py [--repeats 3]
+
+Data: the flowers photos (4,317 JPEGs, 128 px) and a set 10x larger made from them in a
+temporary folder: each photo, plus 8 copies re-encoded at JPEG quality 97 to 58 and one flipped,
+all distinct from each other (checked by sha1; the few photos the set holds twice, under one
+label or two, are then ten times there too, as their copies are). A third set, the photos
+enlarged to 512 px, shows how the ratio moves with the image size. For each, in the same run and alternating:
+
+- bare: read each file and `cv2.imdecode` it, in a pool of as many processes as ingest uses
+  (forked, OpenCV single-threaded, the same chunks): the practical limit of any stage that
+  must decode every image;
+- the stages, each in its own process as `dvc repro` runs them: ingest (listing, sha1, format,
+  header, decode, facts, CSV), then validate; its per-image work (read the manifest, triage,
+  near-duplicate groups) is timed apart from the whole stage (Great Expectations, Data Docs,
+  summary page), whose cost hardly depends on the number of images.
+
+The machine is shared, so besides wall time each measurement records CPU time (its process and
+its workers, user + system): the CPU ratio is the cost per image, which other load does not
+change. Peak RSS is each process's own (ru_maxrss); for ingest also its largest worker's.
+Last, the near-duplicate search alone on 10^4 to 10^6 hashes, to show it grows like n, not n^2.
+Prints one JSON object per measurement, then the markdown tables of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import workspace  # noqa: E402
+
+FLOWERS = workspace.SHARED / "datasets" / "flowers5-128px" / "flowers"
+# odd values: a copy re-encoded at the quality its original was saved with can be the same bytes
+QUALITIES = (97, 93, 88, 83, 78, 72, 66, 58)
+
+
+def make_enlarged(out: Path, side: int = 512) -> int:
+    """Each flower photo enlarged to side x side (bicubic) and saved at JPEG quality 90."""
+    import cv2
+
+    photos = sorted(FLOWERS.glob("*/*.jpg"))
+    for photo in photos:
+        image = cv2.resize(cv2.imread(str(photo)), (side, side), interpolation=cv2.INTER_CUBIC)
+        (out / photo.parent.name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / photo.parent.name / photo.name), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return len(photos)
+
+
+def make_tenfold(out: Path) -> int:
+    """Each flower photo and 9 altered copies under `out`; returns the number of files."""
+    import cv2
+
+    count = 0
+    for photo in sorted(FLOWERS.glob("*/*.jpg")):
+        image = cv2.imread(str(photo))
+        variants = [photo.read_bytes()]
+        variants += [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes() for q in QUALITIES]
+        variants.append(cv2.imencode(".jpg", cv2.flip(image, 1), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+        folder = out / photo.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        assert len({hashlib.sha1(data).digest() for data in variants}) == len(variants), f"{photo}: a copy repeats"
+        for i, data in enumerate(variants):
+            (folder / f"{photo.stem}-v{i}.jpg").write_bytes(data)
+        count += len(variants)
+    return count
+
+
+# --- what runs in a measured child process ---------------------------------------------------
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended (its workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _decode(path: str) -> int:
+    import cv2
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).size
+
+
+def child_bare(source: Path, workers: int) -> dict:
+    import cv2
+
+    from stages import ingest
+
+    files = [str(p) for p in sorted(source.glob("*/*.jpg"))]
+    cv2.setNumThreads(1)  # as ingest does for its workers
+    started, cpu = time.perf_counter(), cpu_seconds()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for _ in pool.imap(_decode, files, chunksize=ingest.CHUNKSIZE):
+            pass
+    return {"images": len(files), "seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu}
+
+
+def child_ingest(folder: Path) -> dict:
+    from stages import ingest
+    from stages.params import load_params
+
+    params = load_params(folder / "params.yaml")
+    started, cpu = time.perf_counter(), cpu_seconds()
+    ingest.run(params)
+    return {"seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu,
+            "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def child_validate(folder: Path) -> dict:
+    from stages import validate
+    from stages.cli import StageError
+    from stages.params import load_params
+
+    params = load_params(folder / "params.yaml")
+    started, cpu = time.perf_counter(), cpu_seconds()
+    result = validate.triage(validate.read_manifest(params.paths.manifest), params.validate)
+    per_image, per_image_cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    started = time.perf_counter()
+    try:
+        validate.run(params)
+    except StageError as exc:  # a failed gate is a result, not a benchmark failure
+        print(f"validate gate: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return {"per_image_seconds": per_image, "per_image_cpu": per_image_cpu,
+            "stage_seconds": time.perf_counter() - started,
+            "accepted": len(result.accepted), "near_duplicate_groups": len(result.groups)}
+
+
+def measure(kind: str, *args: str) -> dict:
+    """Run one measurement in a fresh process; its result plus its peak RSS."""
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, *args], env=workspace.environment(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_child(kind: str, args: list[str]) -> None:
+    logging_off()
+    result = {"bare": lambda: child_bare(Path(args[0]), int(args[1])),
+              "ingest": lambda: child_ingest(Path(args[0])),
+              "validate": lambda: child_validate(Path(args[0]))}[kind]()
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def logging_off() -> None:
+    import logging
+
+    logging.disable(logging.WARNING)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
+    from stages.ingest import available_cores
+
+    folder.mkdir(parents=True, exist_ok=True)
+    workspace.write_params(folder, {
+        "ingest.source": str(source), "paths.manifest": str(folder / "manifest.csv"),
+        "paths.accepted": str(folder / "accepted.csv"), "paths.data_quality": str(folder / "data_quality")})
+    workers = available_cores()
+    measure("bare", str(source), str(workers))  # warm-up: the files in the page cache for both
+    runs = []
+    for _ in range(repeats):
+        bare = measure("bare", str(source), str(workers))
+        ingest = measure("ingest", str(folder))
+        validate = measure("validate", str(folder))
+        runs.append({"bare": bare, "ingest": ingest, "validate": validate})
+        print(json.dumps({"data": name, **runs[-1]}), flush=True)
+    return summarise(name, runs, workers)
+
+
+def summarise(name: str, runs: list[dict], workers: int) -> dict:
+    """Medians over the runs. A ratio is taken within each run (bare and stages side by side),
+    then the median of those: other load on the machine moves both sides of one run alike."""
+    images = runs[0]["bare"]["images"]
+
+    def median(values) -> float:
+        return statistics.median(values)
+
+    def stage(run, field="seconds"):
+        per_image = {"seconds": "per_image_seconds", "cpu": "per_image_cpu"}[field]
+        return run["ingest"][field] + run["validate"][per_image]
+
+    return {
+        "data": name, "images": images, "workers": workers, "repeats": len(runs),
+        "bare_images_per_s": round(images / median(r["bare"]["seconds"] for r in runs)),
+        "stage_images_per_s": round(images / median(stage(r) for r in runs)),
+        "ratios": [round(r["bare"]["seconds"] / stage(r), 2) for r in runs],
+        "ratio": round(median(r["bare"]["seconds"] / stage(r) for r in runs), 2),
+        # CPU microseconds per image, and their ratio: what the work costs, whatever else runs
+        "bare_cpu_us": round(median(r["bare"]["cpu"] for r in runs) / images * 1e6),
+        "stage_cpu_us": round(median(stage(r, "cpu") for r in runs) / images * 1e6),
+        "cpu_ratio": round(median(r["bare"]["cpu"] / stage(r, "cpu") for r in runs), 2),
+        "ingest_s": round(median(r["ingest"]["seconds"] for r in runs), 2),
+        "validate_per_image_s": round(median(r["validate"]["per_image_seconds"] for r in runs), 2),
+        "validate_stage_s": round(median(r["validate"]["stage_seconds"] for r in runs), 2),
+        "ingest_rss_mb": round(max(r["ingest"]["rss_mb"] for r in runs)),
+        "ingest_worker_rss_mb": round(max(r["ingest"]["worker_rss_mb"] for r in runs)),
+        "validate_rss_mb": round(max(r["validate"]["rss_mb"] for r in runs)),
+        "accepted": runs[0]["validate"]["accepted"],
+        "near_duplicate_groups": runs[0]["validate"]["near_duplicate_groups"],
+    }
+
+
+def near_duplicate_scaling(k: int = 4) -> list[dict]:
+    """Seconds to group n random 64-bit hashes plus n/10 copies of them with up to k bits flipped."""
+    import numpy as np
+
+    from stages import near_duplicates
+
+    rows = []
+    for n in (10_000, 100_000, 1_000_000):
+        rng = np.random.default_rng(n)
+        originals = rng.integers(0, 2**63, n, dtype=np.uint64) << np.uint64(1) | rng.integers(0, 2, n, dtype=np.uint64)
+        flips = np.zeros(n // 10, dtype=np.uint64)
+        for _ in range(k):
+            flips |= np.uint64(1) << rng.integers(0, 64, n // 10).astype(np.uint64)
+        hashes = np.concatenate([originals, originals[rng.integers(0, n, n // 10)] ^ flips])
+        started = time.perf_counter()
+        groups = near_duplicates.groups(hashes, k)
+        rows.append({"hashes": len(hashes), "distance": k, "seconds": round(time.perf_counter() - started, 2),
+                     "groups": len(np.unique(groups)), "masks": len(near_duplicates.masks(len(hashes), k))})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| data | images | bare decode (img/s) | ingest + validate per-image work (img/s) | ratio (runs) | "
+             "CPU per image: bare / stages (us) | CPU ratio | ingest / validate per-image / validate whole stage (s) | "
+             "peak RSS: ingest, its workers, validate (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['images']:,} | {r['bare_images_per_s']:,} | {r['stage_images_per_s']:,} | "
+                     f"**{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | {r['bare_cpu_us']} / "
+                     f"{r['stage_cpu_us']} | **{r['cpu_ratio']}** | {r['ingest_s']} / "
+                     f"{r['validate_per_image_s']} / {r['validate_stage_s']} | {r['ingest_rss_mb']}, "
+                     f"{r['ingest_worker_rss_mb']}, {r['validate_rss_mb']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child[0], args.child[1:])
+        return
+    with tempfile.TemporaryDirectory(prefix="validate-bench-") as tmp:
+        sets = {"flowers altered (10x)": (make_tenfold, Path(tmp) / "flowers-10x"),
+                "flowers enlarged to 512 px": (make_enlarged, Path(tmp) / "flowers-512")}
+        for name, (make, folder) in sets.items():
+            started = time.perf_counter()
+            count = make(folder)
+            print(json.dumps({"made": name, "files": count, "seconds": round(time.perf_counter() - started, 1)}),
+                  flush=True)
+        rows = [bench("flowers (1x)", FLOWERS, Path(tmp) / "1x", args.repeats)]
+        rows += [bench(name, folder, Path(tmp) / f"run-{i}", args.repeats)
+                 for i, (name, (_, folder)) in enumerate(sets.items())]
+    for row in rows:
+        print(json.dumps(row))
+    print(table(rows))
+    one, ten = rows[:2]
+    for key in ("ingest_rss_mb", "ingest_worker_rss_mb", "validate_rss_mb"):
+        print(f"{key}: 10x / 1x = {ten[key] / one[key]:.2f}")
+    print("\n| hashes | distance | masks (sorts) | seconds | groups |\n|---|---|---|---|---|")
+    for r in near_duplicate_scaling():
+        print(f"| {r['hashes']:,} | {r['distance']} | {r['masks']} | {r['seconds']} | {r['groups']:,} |")
+
+
+if __name__ == "__main__":
+    main()

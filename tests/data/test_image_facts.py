@@ -1,0 +1,65 @@
+"""The per-image facts ingest records: sharpness, brightness, contrast, perceptual hash."""
+
+import cv2
+import numpy as np
+import pytest
+
+from stages import image_facts
+from tests.data.test_ingest import photo
+
+
+def distance(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def test_brightness_and_contrast_are_the_grey_mean_and_deviation():
+    half = np.zeros((16, 16), np.uint8)
+    half[:, 8:] = 200
+    facts = image_facts.facts(half)
+    assert (facts.brightness, facts.contrast) == (100.0, 100.0)
+    flat = image_facts.facts(np.full((16, 16, 3), 42, np.uint8))
+    assert (flat.brightness, flat.contrast, flat.sharpness) == (42.0, 0.0, 0.0)
+
+
+def test_blur_lowers_sharpness():
+    image = cv2.imread(str(photo(0)))
+    sharp = image_facts.facts(image).sharpness
+    blurred = image_facts.facts(cv2.GaussianBlur(image, (7, 7), 0)).sharpness
+    assert blurred < sharp / 2
+
+
+def test_sixteen_bits_and_alpha_give_the_same_facts_as_eight_bit_grey():
+    grey = cv2.cvtColor(cv2.imread(str(photo(1))), cv2.COLOR_BGR2GRAY)
+    expected = image_facts.facts(grey)
+    assert image_facts.facts(grey.astype(np.uint16) * 257) == expected
+    assert image_facts.facts(grey[:, :, None]) == expected
+    bgra = cv2.cvtColor(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), cv2.COLOR_BGR2BGRA)
+    assert image_facts.facts(bgra) == expected
+
+
+def test_sharpness_is_measured_at_the_working_size():
+    grey = cv2.cvtColor(cv2.imread(str(photo(2))), cv2.COLOR_BGR2GRAY)
+    big = cv2.resize(grey, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    work = cv2.resize(big, (256, 256), interpolation=cv2.INTER_AREA)
+    assert image_facts.facts(big) == image_facts.facts(work)
+    # at full size the enlarged photo would look 4 times blurrier: one threshold could not serve both
+    assert cv2.Laplacian(big, cv2.CV_64F).var() < image_facts.facts(work).sharpness / 4
+
+
+@pytest.mark.parametrize("change", [
+    lambda im: cv2.imdecode(cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 60])[1], cv2.IMREAD_UNCHANGED),
+    lambda im: cv2.resize(im, (64, 64), interpolation=cv2.INTER_AREA),
+    lambda im: cv2.resize(im, (300, 300), interpolation=cv2.INTER_LINEAR),
+    lambda im: cv2.convertScaleAbs(im, alpha=1.05, beta=5),
+], ids=["re-encoded", "halved", "enlarged", "brighter"])
+def test_phash_barely_moves_for_a_copy_and_far_for_another_photo(change):
+    images = [cv2.imread(str(photo(i))) for i in range(8)]
+    for image in images:
+        assert distance(image_facts.facts(image).phash, image_facts.facts(change(image)).phash) <= 2
+    hashes = [image_facts.facts(image).phash for image in images]
+    assert min(distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]) >= 12
+
+
+def test_facts_row_is_rounded_for_a_stable_manifest():
+    facts = image_facts.ImageFacts(sharpness=1 / 3, brightness=2 / 3, contrast=10.0, phash="00ff00ff00ff00ff")
+    assert facts.as_row() == {"sharpness": 0.33, "brightness": 0.67, "contrast": 10.0, "phash": "00ff00ff00ff00ff"}
