@@ -1,30 +1,33 @@
-"""The model builder: a frozen ImageNet backbone from keras.applications plus a small softmax head.
+"""The model builder: a backbone (stages/backbones.py) plus a small softmax head, in four views.
 
-Everything the backbone needs (grey to RGB, resizing, the backbone's own pixel scaling) is a
-layer of the model, so the saved model takes images exactly as the shards hold them and
-`evaluate` and `predict` need no preprocessing code of their own.
+    model      shard image -> class probabilities      what is saved, evaluated and served
+    training   the same, with augmentation in front    what fit() trains on images
+    extractor  shard image -> backbone features         what the embedding cache stores
+    head       features -> class probabilities         what phase 1 trains on cached features
+
+The four share their layers, hence their weights: training one trains the others. The saved
+model is the plain `model`: the augmentation layers (inactive outside training anyway) are not
+in it, so loading it needs no custom classes and works in safe mode. It takes images exactly
+as the shards hold them; everything the backbone needs is a layer of the model.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
+from typing import NamedTuple
 
 import keras
 
+from stages import augment, backbones
 from stages.cli import StageError
 from stages.params import Train
 
-# train.backbone -> (constructor, its preprocess_input, which takes RGB pixels in 0-255)
-BACKBONES = {
-    "mobilenet": (keras.applications.MobileNet, keras.applications.mobilenet.preprocess_input),
-    "mobilenet_v2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2.preprocess_input),
-    "efficientnet_b0": (keras.applications.EfficientNetB0, keras.applications.efficientnet.preprocess_input),
-    "vgg16": (keras.applications.VGG16, keras.applications.vgg16.preprocess_input),
-}
 
-# The backbones with a width multiplier (train.alpha); the others have one fixed width.
-WITH_ALPHA = ("mobilenet", "mobilenet_v2")
+class Classifier(NamedTuple):
+    model: keras.Model
+    training: keras.Model
+    extractor: keras.Model
+    head: keras.Model
+    backbone: backbones.Backbone
 
 
 def to_pixel_range(normalization: str) -> tuple[float, float]:
@@ -40,73 +43,34 @@ def to_pixel_range(normalization: str) -> tuple[float, float]:
     return ranges[normalization]
 
 
-def build_backbone(train: Train, size: int) -> keras.Model:
-    """The keras.applications backbone without its top, global-average-pooled, with train.weights loaded.
-
-    weights: "imagenet" (from $KERAS_HOME/models/ if the file is there, else downloaded),
-    "none" (random initialisation) or the path of a weights file for this backbone.
-    """
-    constructor, _ = BACKBONES[train.backbone]
-    options = {"input_shape": (size, size, 3), "include_top": False, "pooling": "avg"}
-    if train.backbone in WITH_ALPHA:
-        options["alpha"] = train.alpha
-    if train.weights == "imagenet":
-        try:
-            # MobileNet offers ImageNet files only for some sizes (128-224); at other sizes Keras
-            # loads the 224 file, which fits because convolution weights do not depend on the
-            # size, and warns about it: expected here, so not worth a warning in every run's log.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="`input_shape` is undefined or non-square")
-                return constructor(weights="imagenet", **options)
-        except ValueError as exc:  # e.g. an alpha with no ImageNet weights
-            raise StageError(f"{train.backbone} with ImageNet weights: {exc}") from exc
-        except Exception as exc:  # Keras raises a bare Exception when the download fails
-            raise StageError(
-                f"could not load the ImageNet weights of {train.backbone}: {exc} "
-                "(offline? copy the weights file into $KERAS_HOME/models/ or set train.weights to its path)"
-            ) from exc
-    backbone = constructor(weights=None, **options)
-    if train.weights != "none":
-        path = Path(train.weights)
-        if not path.is_file():
-            raise StageError(f"train.weights: weights file not found: {path}")
-        try:
-            backbone.load_weights(path)
-        except ValueError as exc:
-            raise StageError(f"train.weights: {path} does not fit the {train.backbone} backbone: {exc}") from exc
-    return backbone
-
-
-def build_model(num_classes: int, input_shape: tuple[int, int, int], train: Train, normalization: str) -> keras.Model:
-    """A compiled classifier for images of `input_shape` (H, W, C) preprocessed with `normalization`."""
+def build(num_classes: int, input_shape: tuple[int, int, int], train: Train, normalization: str,
+          seed: int = 0) -> Classifier:
+    """The classifier for images of `input_shape` (H, W, C) preprocessed with `normalization` (not compiled)."""
     height, width, channels = input_shape
     if channels not in (1, 3):
         raise StageError(f"the shards hold {channels}-channel images; the model takes 1 (grey) or 3 (RGB)")
+    backbone = backbones.build(train, input_shape)
     inputs = keras.Input(shape=(height, width, channels), name="image")
-    x = inputs
-    if channels == 1:
-        # ImageNet backbones learnt from colour photos: a grey image is the same value in R, G and B.
-        x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
-    x = keras.layers.Resizing(train.backbone_size, train.backbone_size, name="resize")(x)
     scale, offset = to_pixel_range(normalization)
-    if (scale, offset) != (1.0, 0.0):
-        x = keras.layers.Rescaling(scale, offset, name="to_0_255")(x)
-    # Each backbone's own scaling ([-1, 1], 0-255, or caffe-style BGR minus the ImageNet mean),
-    # recorded as plain operations in the model graph, so the saved model loads in safe mode.
-    _, preprocess_input = BACKBONES[train.backbone]
-    x = preprocess_input(x)
-    backbone = build_backbone(train, train.backbone_size)
-    backbone.trainable = False
-    # training=False keeps the BatchNorm layers in inference mode: they normalise with their
-    # ImageNet statistics instead of each batch's, which small batches of our images would
-    # skew (and which would wreck the features if the backbone were later unfrozen to fine-tune).
-    x = backbone(x, training=False)
-    x = keras.layers.Dropout(train.dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
-    model = keras.Model(inputs, outputs, name=f"{train.backbone}_classifier")
-    model.compile(
-        optimizer=keras.optimizers.Adam(train.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+    pixels = keras.layers.Rescaling(scale, offset, name="to_0_255")(inputs) if (scale, offset) != (1.0, 0.0) else inputs
+    features = backbone(pixels)
+
+    dropout = keras.layers.Dropout(train.dropout, name="dropout")
+    # float32 probabilities even under mixed precision: a float16 softmax underflows
+    classes = keras.layers.Dense(num_classes, activation="softmax", name="classes", dtype="float32")
+    feature_input = keras.Input(shape=features.shape[1:], name="features")
+    head = keras.Model(feature_input, classes(dropout(feature_input)), name="head")
+    model = keras.Model(inputs, classes(dropout(features)), name=f"{train.backbone}_classifier")
+    extractor = keras.Model(inputs, features, name="extractor")
+
+    augmentation = augment.augmentation(train, seed)
+    training = model
+    if augmentation is not None:
+        augmented = classes(dropout(backbone(augmentation(pixels))))
+        training = keras.Model(inputs, augmented, name=f"{train.backbone}_classifier_training")
+    return Classifier(model, training, extractor, head, backbone)
+
+
+def compile_for_training(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])

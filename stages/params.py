@@ -43,11 +43,14 @@ class Ingest:
     layout: str = "auto"
     labels_csv: str = "labels.csv"
     max_pixels: int = 100_000_000
+    workers: int = 0
 
     def check(self) -> None:
         _one_of("ingest.layout", self.layout, ("auto", "folders", "csv", "idx"))
         if self.max_pixels < 1:
             raise ParamsError(f"ingest.max_pixels must be >= 1, got {self.max_pixels}")
+        if self.workers < 0:
+            raise ParamsError(f"ingest.workers must be >= 0 (0 = one per CPU core), got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,29 @@ class Validate:
     max_width: int = 8192
     max_height: int = 8192
     allowed_channels: tuple[int, ...] = (1, 3, 4)
+    classes: tuple[str, ...] = ()
     min_images_per_class: int = 10
+    max_imbalance_ratio: float = 10.0
     max_quarantined_fraction: float = 0.05
+    near_duplicate_distance: int = 0
+    min_sharpness: float = 5.0
+    min_brightness: float = 10.0
+    max_brightness: float = 245.0
+    min_contrast: float = 8.0
 
     def check(self) -> None:
         if not 0.0 <= self.max_quarantined_fraction <= 1.0:
             raise ParamsError("validate.max_quarantined_fraction must be between 0 and 1")
+        if self.max_imbalance_ratio < 1.0:
+            raise ParamsError(f"validate.max_imbalance_ratio must be >= 1, got {self.max_imbalance_ratio}")
+        if not 0 <= self.near_duplicate_distance <= 16:
+            raise ParamsError("validate.near_duplicate_distance must be between 0 and 16 bits of the 64-bit perceptual "
+                              f"hash (unrelated images differ in about 32), got {self.near_duplicate_distance}")
+        if not 0.0 <= self.min_brightness <= self.max_brightness <= 255.0:
+            raise ParamsError("validate.min_brightness and validate.max_brightness must satisfy "
+                              f"0 <= min <= max <= 255, got {self.min_brightness} and {self.max_brightness}")
+        if len(set(self.classes)) != len(self.classes) or any(not c.strip() for c in self.classes):
+            raise ParamsError(f"validate.classes must be distinct, non-blank class names, got {list(self.classes)}")
 
 
 @dataclass(frozen=True)
@@ -119,37 +139,136 @@ class Rebalance:
         _one_of("rebalance.method", self.method, ("none", "oversample", "undersample", "class_weight"))
 
 
+BACKBONES = ("mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16", "hub", "lenet")
+FLIPS = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+
+
 @dataclass(frozen=True)
 class Train:
+    # the model
     backbone: str = "mobilenet"
     alpha: float = 0.25
     weights: str = "imagenet"
+    hub_handle: str = ""
+    hub_endpoint: str = "serving_default"
     backbone_size: int = 96
     dropout: float = 0.2
+    # phase 1: the head on the frozen backbone (lenet: the whole network)
     epochs: int = 3
     batch_size: int = 64
     learning_rate: float = 1e-3
+    # phase 2: fine-tuning the top of the backbone
+    fine_tune_layers: int = 0
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+    # callbacks
+    restore_best: bool = True
+    early_stopping_patience: int = 0
+    reduce_lr_patience: int = 0
+    reduce_lr_factor: float = 0.2
+    # input and hardware
     shuffle_buffer: int = 4096
+    deterministic: bool = True
+    embedding_cache: bool = True
+    cache_dir: str = ".cache/train"
+    mixed_precision: bool = False
+    # augmentation (training only)
+    augment_flip: str = "none"
+    augment_rotation: float = 0.0
+    augment_shift: float = 0.0
+    augment_zoom: float = 0.0
+    augment_shear: float = 0.0
+    augment_fill_mode: str = "reflect"
+    augment_in_phase1: bool = True
+    augment_brightness: float = 0.0
+    augment_contrast: float = 0.0
+    erasing_probability: float = 0.0
+    erasing_area: tuple[float, float] = (0.02, 0.4)
+    erasing_aspect: tuple[float, float] = (0.3, 3.3)
+    erasing_values: tuple[float, float] = (0.0, 255.0)
+    erasing_per_pixel: bool = False
+
+    @property
+    def pretrained(self) -> bool:
+        """A pretrained backbone is frozen in phase 1; lenet learns from scratch."""
+        return self.backbone != "lenet"
+
+    @property
+    def augments(self) -> bool:
+        return (self.augment_flip != "none" or self.erasing_probability > 0 or any((
+            self.augment_rotation, self.augment_shift, self.augment_zoom, self.augment_shear,
+            self.augment_brightness, self.augment_contrast)))
+
+    @property
+    def augments_phase1(self) -> bool:
+        return self.augments and self.augment_in_phase1
 
     def check(self) -> None:
-        _one_of("train.backbone", self.backbone, ("mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16"))
-        if self.backbone_size < 32:
-            raise ParamsError(f"train.backbone_size must be >= 32 (the backbones' minimum), got {self.backbone_size}")
+        _one_of("train.backbone", self.backbone, BACKBONES)
+        _one_of("train.augment_flip", self.augment_flip, FLIPS)
+        _one_of("train.augment_fill_mode", self.augment_fill_mode, FILL_MODES)
+        smallest = 8 if self.backbone == "lenet" else 32
+        if self.backbone_size < smallest:
+            raise ParamsError(f"train.backbone_size must be >= {smallest} for {self.backbone}, got {self.backbone_size}")
+        if self.backbone == "hub" and not self.hub_handle:
+            raise ParamsError("train.backbone hub needs train.hub_handle (a TF Hub URL or a SavedModel folder)")
+        if self.backbone == "lenet" and self.weights == "imagenet":
+            raise ParamsError("train.weights: lenet learns from scratch, there are no ImageNet weights; "
+                              "set none or a weights file")
         if self.epochs < 1 or self.batch_size < 1 or self.shuffle_buffer < 1:
             raise ParamsError("train.epochs, train.batch_size and train.shuffle_buffer must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ParamsError(f"train.dropout must be >= 0 and < 1, got {self.dropout}")
-        if self.learning_rate <= 0:
-            raise ParamsError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.learning_rate <= 0 or self.fine_tune_learning_rate <= 0:
+            raise ParamsError("train.learning_rate and train.fine_tune_learning_rate must be > 0")
+        if self.fine_tune_epochs < 0 or self.fine_tune_layers < 0:
+            raise ParamsError("train.fine_tune_epochs and train.fine_tune_layers must be >= 0 (0 = no fine-tuning)")
+        if self.fine_tune_epochs and not self.fine_tune_layers:
+            raise ParamsError("train.fine_tune_epochs needs train.fine_tune_layers >= 1 (how many top layers to unfreeze)")
+        if self.fine_tune_epochs and self.backbone in ("hub", "lenet"):
+            raise ParamsError(f"train.fine_tune_epochs: a {self.backbone} backbone cannot be fine-tuned "
+                              "layer by layer; set 0")
+        if self.augments and not self.augment_in_phase1 and not self.fine_tune_epochs:
+            raise ParamsError("train.augment_in_phase1 is false and there is no phase 2 (train.fine_tune_epochs): "
+                              "the augmentation set would never apply")
+        if self.early_stopping_patience < 0 or self.reduce_lr_patience < 0:
+            raise ParamsError("train.early_stopping_patience and train.reduce_lr_patience must be >= 0 (0 = off)")
+        if not 0.0 < self.reduce_lr_factor < 1.0:
+            raise ParamsError(f"train.reduce_lr_factor must be between 0 and 1, got {self.reduce_lr_factor}")
+        if not 0.0 <= self.augment_rotation <= 180.0:
+            raise ParamsError(f"train.augment_rotation is in degrees, 0 to 180; got {self.augment_rotation}")
+        for name in ("augment_shift", "augment_zoom", "augment_shear", "augment_brightness", "augment_contrast",
+                     "erasing_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ParamsError(f"train.{name} must be between 0 and 1, got {getattr(self, name)}")
+        (a0, a1), (r0, r1), (v0, v1) = self.erasing_area, self.erasing_aspect, self.erasing_values
+        if not 0.0 < a0 <= a1 <= 1.0:
+            raise ParamsError("train.erasing_area must be [min, max] fractions of the image, "
+                              f"0 < min <= max <= 1; got {[a0, a1]}")
+        if not 0.0 < r0 <= r1:
+            raise ParamsError(f"train.erasing_aspect must be [min, max] height/width ratios, 0 < min <= max; got {[r0, r1]}")
+        if v0 > v1:
+            raise ParamsError(f"train.erasing_values must be [min, max] pixel values (0-255 scale), got {[v0, v1]}")
 
 
 @dataclass(frozen=True)
 class Evaluate:
     max_misclassified: int = 200
+    min_accuracy: float = 0.0
+    min_class_recall: float = 0.0
+    max_accuracy_drop: float = 0.05
+    gate_action: str = "warn"
+    blessed_file: str = "models/blessed.json"
+    export_dir: str = "models/export"
 
     def check(self) -> None:
         if self.max_misclassified < 0:
             raise ParamsError("evaluate.max_misclassified must be >= 0")
+        for name in ("min_accuracy", "min_class_recall", "max_accuracy_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ParamsError(f"evaluate.{name} must be between 0 and 1, got {getattr(self, name)}")
+        _one_of("evaluate.gate_action", self.gate_action, ("fail", "warn"))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def write_shards(folder: Path, per_class: dict[str, int]) -> dict[str, list[tupl
     folder.mkdir(parents=True)
     indices = {d: iter(np.flatnonzero(labels == d)) for d in DIGITS}
     meta = {
-        "height": 28, "width": 28, "channels": 1, "dtype": "float16", "classes": CLASSES,
+        "height": 28, "width": 28, "channels": 1, "dtype": "float16", "classes": CLASSES, "colour_mode": "grey",
         "counts": {}, "class_counts": {}, "files": {}, "normalization": "unit",
         "standardize_scope": "dataset", "mean": None, "std": None, "size": [28, 28],
     }
@@ -84,7 +84,8 @@ def write_rebalance(folder: Path, train_ids: list[tuple[str, int]], method="none
 
 
 def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_params):
-    settings = {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01}
+    settings = {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01,
+                "cache_dir": str(out / "cache")}
     return params_from_dict(
         {
             "paths": {
@@ -94,7 +95,7 @@ def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_
                 "reports": str(out / "reports"),
             },
             "train": {**settings, **train_params},
-            "evaluate": {"max_misclassified": 200},
+            "evaluate": {"max_misclassified": 200, "export_dir": str(out / "export"), "blessed_file": str(out / "blessed.json")},
         }
     )
 
@@ -125,21 +126,24 @@ def test_model_is_saved_and_reloads(trained):
     # atomic writes leave no temporary files behind
     assert sorted(p.name for p in model_path.parent.iterdir()) == ["model.keras"]
     reports = Path(params.paths.reports)
-    assert sorted(p.name for p in reports.iterdir()) == ["confusion.csv", "metrics.json", "misclassified.csv", "train_log.csv"]
+    assert sorted(p.name for p in reports.iterdir()) == [
+        "confusion.csv", "evaluation", "metrics.json", "misclassified.csv", "precision_recall.csv", "roc.csv", "train_log.csv"
+    ]
 
 
 def test_train_log_has_one_row_per_epoch(trained):
     params, _ = trained
     log = pd.read_csv(Path(params.paths.reports) / "train_log.csv")
-    assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate", "phase"]
     assert log["epoch"].tolist() == list(range(params.train.epochs))
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
+    assert (log["phase"] == "head").all() and log["learning_rate"].tolist() == pytest.approx([params.train.learning_rate] * 2)
 
 
 def test_metrics_are_complete_and_well_above_chance(trained):
     params, _ = trained
     metrics = json.loads((Path(params.paths.reports) / "metrics.json").read_text())
-    assert set(metrics) == {"accuracy", "loss", "macro_f1", "weighted_f1", "num_test", "per_class"}
+    assert set(metrics) == {"accuracy", "loss", "macro_f1", "weighted_f1", "num_test", "per_class", "roc_auc", "average_precision", "gate"}
     assert metrics["num_test"] == len(CLASSES) * PER_CLASS["test"]
     # chance is 1/3; the three mislabelled images cap accuracy at 87/90
     assert metrics["accuracy"] > 0.85
@@ -179,7 +183,7 @@ def test_evaluate_is_deterministic_and_caps_the_mistakes_listed(trained, tmp_pat
     params, _ = trained
     reports = Path(params.paths.reports)
     capped = params_from_dict(
-        {"paths": {**vars(params.paths), "reports": str(tmp_path)}, "evaluate": {"max_misclassified": 2}}
+        {"paths": {**vars(params.paths), "reports": str(tmp_path)}, "evaluate": {**vars(params.evaluate), "max_misclassified": 2}}
     )
     evaluate.run(capped)
     assert (tmp_path / "metrics.json").read_bytes() == (reports / "metrics.json").read_bytes()
@@ -222,8 +226,8 @@ def test_trains_without_a_validation_split(tmp_path):
     params = make_params(tmp_path / "shards", tmp_path, epochs=1, backbone_size=32)
     train.run(params)
     log = pd.read_csv(tmp_path / "reports" / "train_log.csv")
-    # Keras' CSVLogger keeps the validation columns, marked NA, so the log's layout never changes
-    assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    # the validation columns stay, marked NA, so the log's layout never changes
+    assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate", "phase"]
     assert len(log) == 1
     assert log[["val_accuracy", "val_loss"]].isna().all(axis=None)
 

@@ -1,0 +1,98 @@
+"""Test accuracy of named training set-ups, with their exact params and run time.
+
+    python bench/train_accuracy.py flowers-head flowers-finetune-augment fashion-lenet ...
+    python bench/train_accuracy.py --list
+
+Each run is the real train stage (`python -m stages.train`) in a workspace of bench/workspace.py;
+the test accuracy is the saved model's on the test split, computed here (argmax of its
+probabilities), so that it depends on train and the shards only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import workspace  # noqa: E402
+
+os.environ.update({k: workspace.environment()[k] for k in ("KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")})
+
+import keras  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from stages import shards  # noqa: E402
+
+WEIGHTS = str(workspace.WEIGHTS)  # the offline MobileNet 0.25 file, for sizes Keras has no other file for
+HEAD = {"backbone_size": 160, "weights": WEIGHTS, "epochs": 40, "learning_rate": 0.003, "dropout": 0.5}
+FINE_TUNE = {"fine_tune_layers": 100, "fine_tune_epochs": 20, "fine_tune_learning_rate": 2e-4}
+AUGMENT = {"augment_flip": "horizontal", "augment_rotation": 20.0, "augment_zoom": 0.15, "augment_shift": 0.1,
+           "augment_brightness": 0.1, "augment_contrast": 0.1, "augment_in_phase1": False}
+ERASING = {"erasing_probability": 0.5}
+
+# name -> (workspace, train params over the project's params.yaml)
+SETUPS = {
+    "flowers-head": ("flowers128", HEAD),
+    "flowers-finetune": ("flowers128", {**HEAD, **FINE_TUNE}),
+    "flowers-finetune-augment": ("flowers128", {**HEAD, **FINE_TUNE, **AUGMENT}),
+    "flowers-finetune-augment-erasing": ("flowers128", {**HEAD, **FINE_TUNE, **AUGMENT, **ERASING}),
+    "fashion-default": ("fashion", {}),
+    "fashion-head": ("fashion", {"epochs": 40, "learning_rate": 0.003}),
+    "fashion-lenet": ("fashion", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 15}),
+    "fashion-full-lenet": ("fashion-full", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 12,
+                                            "batch_size": 128}),
+}
+
+
+def test_accuracy(folder: Path, params: dict) -> float:
+    model = keras.saving.load_model(folder / params["paths"]["model"], compile=False, safe_mode=True)
+    meta = shards.read_meta(folder / params["paths"]["shards"])
+    ds = shards.records(folder / params["paths"]["shards"], "test", meta).batch(256).map(
+        shards.parse_batch(meta, ("image", "label")))
+    right = total = 0
+    for batch in ds.as_numpy_iterator():
+        right += int((model.predict_on_batch(batch["image"]).argmax(axis=1) == batch["label"]).sum())
+        total += len(batch["label"])
+    return right / total
+
+
+def run(name: str) -> dict:
+    data, settings = SETUPS[name]
+    folder = workspace.prepare(data)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"].update(settings)
+    params_file = folder / f"params-{name}.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    start = time.perf_counter()
+    workspace.run_stage(folder, "train", params_file)
+    seconds = time.perf_counter() - start
+    log = pd.read_csv(folder / params["paths"]["reports"] / "train_log.csv")
+    best = log.loc[log["val_loss"].idxmin()]
+    return {"setup": name, "data": data, "train": settings, "train_seconds": round(seconds),
+            "test_accuracy": round(test_accuracy(folder, params), 4), "best_epoch": int(best["epoch"]) + 1,
+            "best_val_accuracy": round(float(best["val_accuracy"]), 4), "epochs_run": len(log),
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setups", nargs="*", help="names of set-ups (--list shows them)")
+    parser.add_argument("--list", action="store_true", help="print the set-ups and their params")
+    args = parser.parse_args()
+    unknown = sorted(set(args.setups) - set(SETUPS))
+    if unknown:
+        parser.error(f"unknown set-up(s) {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    if args.list:
+        for name, (data, settings) in SETUPS.items():
+            print(f"{name}: {data} {json.dumps(settings)}")
+    for name in args.setups:
+        print(json.dumps(run(name)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
