@@ -44,7 +44,7 @@ SETUPS = {
     "fashion-default": ("fashion", {}),
     "fashion-head": ("fashion", {"epochs": 40, "learning_rate": 0.003}),
     "fashion-lenet": ("fashion", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 15}),
-    "fashion-full-lenet": ("fashion-full", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 12,
+    "fashion-full-lenet": ("fashion-full", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 8,
                                             "batch_size": 128}),
 }
 
@@ -52,8 +52,8 @@ SETUPS = {
 def test_accuracy(folder: Path, params: dict) -> float:
     model = keras.saving.load_model(folder / params["paths"]["model"], compile=False, safe_mode=True)
     meta = shards.read_meta(folder / params["paths"]["shards"])
-    ds = shards.records(folder / params["paths"]["shards"], "test", meta).batch(256).map(
-        shards.parse_batch(meta, ("image", "label")))
+    ds = shards.records(folder / params["paths"]["shards"], "test", meta).batch(256)
+    ds = ds.map(shards.parse_batch(meta, ("image", "label")))
     right = total = 0
     for batch in ds.as_numpy_iterator():
         right += int((model.predict_on_batch(batch["image"]).argmax(axis=1) == batch["label"]).sum())
@@ -64,10 +64,10 @@ def test_accuracy(folder: Path, params: dict) -> float:
 def run(name: str) -> dict:
     data, settings = SETUPS[name]
     folder = workspace.prepare(data)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["train"].update(settings)
-    params_file = folder / f"params-{name}.yaml"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    # the project's current params, the data set's, then the set-up's
+    overrides = {**workspace.DATASETS[data], **{f"train.{k}": v for k, v in settings.items()}}
+    params_file = workspace.write_params(folder, overrides, f"params-{name}.yaml")
+    params = yaml.safe_load(params_file.read_text())
     start = time.perf_counter()
     workspace.run_stage(folder, "train", params_file)
     seconds = time.perf_counter() - start

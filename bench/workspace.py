@@ -45,13 +45,13 @@ def environment() -> dict:
             "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def write_params(folder: Path, overrides: dict) -> Path:
-    """params.yaml in `folder`: the project's, with `overrides` ({"section.key": value}) applied."""
+def write_params(folder: Path, overrides: dict, name: str = "params.yaml") -> Path:
+    """`name` in `folder`: the project's params.yaml, with `overrides` ({"section.key": value}) applied."""
     data = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         data[section][key] = value
-    path = folder / "params.yaml"
+    path = folder / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -155,9 +155,9 @@ class Train:
     backbone_size: int = 96
     dropout: float = 0.2
     # phase 1: the head on the frozen backbone (lenet: the whole network)
-    epochs: int = 3
+    epochs: int = 20
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     # phase 2: fine-tuning the top of the backbone
     fine_tune_layers: int = 0
     fine_tune_epochs: int = 0

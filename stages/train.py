@@ -234,10 +234,11 @@ def read_log(path: Path) -> list[dict]:
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """The weights of the epoch with the lowest `monitor` so far, across both phases and resumes.
+    """The best-model checkpoint: the weights at the epoch with the lowest `monitor` so far,
+    across both phases and resumes (best.json carries the best value over a restart).
 
-    It saves `model`, the saved classifier, whichever model fit() trains (the head on cached
-    features shares its weights); best.json carries the best value over a restart.
+    It saves `model`, the classifier that is saved in the end, whichever model fit() trains:
+    the head trained on cached features shares its weights with it.
     """
 
     def __init__(self, model: keras.Model, folder: Path, monitor: str):
