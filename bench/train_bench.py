@@ -292,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     for name, data, epochs in [("streaming", "fashion", 3), ("seed", "fashion", 3), ("memory", "flowers96", 1),
-                               ("cache", "fashion", 10)]:
+                               ("cache", "fashion", 20)]:
         p = sub.add_parser(name)
         p.add_argument("--data", default=data, choices=sorted(workspace.DATASETS))
         p.add_argument("--epochs", type=int, default=epochs)
