@@ -1,6 +1,6 @@
 """Validation benchmark: the per-image work of ingest + validate against a bare decode loop.
 
-    python bench/validate_bench.py [--repeats 3]
+    python bench/validate_bench.py [--repeats 3] [--sets 1x 10x 512]
 
 Data: the flowers photos (4,317 JPEGs, 128 px) and a set 10x larger made from them in a
 temporary folder: each photo, plus 8 copies re-encoded at JPEG quality 97 to 58 and one flipped,
@@ -8,9 +8,11 @@ all distinct from each other (checked by sha1; the few photos the set holds twic
 label or two, are then ten times there too, as their copies are). A third set, the photos
 enlarged to 512 px, shows how the ratio moves with the image size. For each, in the same run and alternating:
 
-- bare: read each file and `cv2.imdecode` it, in a pool of as many processes as ingest uses
-  (forked, OpenCV single-threaded, the same chunks): the practical limit of any stage that
-  must decode every image;
+- bare: read each file and `cv2.imdecode` it (IMREAD_UNCHANGED: the pixels as stored), in a
+  pool of as many processes as ingest uses (forked, OpenCV single-threaded, the same chunks):
+  the practical limit of any stage that must decode every image;
+- bare grey: the same loop decoding straight to grey (IMREAD_GRAYSCALE), the cheapest full
+  decode OpenCV offers, which ingest itself uses for 8-bit JPEGs: a stricter yardstick;
 - the stages, each in its own process as `dvc repro` runs them: ingest (listing, sha1, format,
   header, decode, facts, CSV), then validate; its per-image work (read the manifest, triage,
   near-duplicate groups) is timed apart from the whole stage (Great Expectations, Data Docs,
@@ -84,25 +86,28 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _decode(path: str) -> int:
+def _decode(path: str, flags: int) -> int:
     import cv2
     import numpy as np
 
     with open(path, "rb") as fh:
         data = fh.read()
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).size
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags).size
 
 
-def child_bare(source: Path, workers: int) -> dict:
+def child_bare(source: Path, workers: int, grey: bool = False) -> dict:
+    import functools
+
     import cv2
 
     from stages import ingest
 
     files = [str(p) for p in sorted(source.glob("*/*.jpg"))]
     cv2.setNumThreads(1)  # as ingest does for its workers
+    decode = functools.partial(_decode, flags=cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_UNCHANGED)
     started, cpu = time.perf_counter(), cpu_seconds()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for _ in pool.imap(_decode, files, chunksize=ingest.CHUNKSIZE):
+        for _ in pool.imap(decode, files, chunksize=ingest.CHUNKSIZE):
             pass
     return {"images": len(files), "seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu}
 
@@ -149,6 +154,7 @@ def measure(kind: str, *args: str) -> dict:
 def run_child(kind: str, args: list[str]) -> None:
     logging_off()
     result = {"bare": lambda: child_bare(Path(args[0]), int(args[1])),
+              "bare_grey": lambda: child_bare(Path(args[0]), int(args[1]), grey=True),
               "ingest": lambda: child_ingest(Path(args[0])),
               "validate": lambda: child_validate(Path(args[0]))}[kind]()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -175,9 +181,10 @@ def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
         bare = measure("bare", str(source), str(workers))
+        bare_grey = measure("bare_grey", str(source), str(workers))
         ingest = measure("ingest", str(folder))
         validate = measure("validate", str(folder))
-        runs.append({"bare": bare, "ingest": ingest, "validate": validate})
+        runs.append({"bare": bare, "bare_grey": bare_grey, "ingest": ingest, "validate": validate})
         print(json.dumps({"data": name, **runs[-1]}), flush=True)
     return summarise(name, runs, workers)
 
@@ -204,6 +211,8 @@ def summarise(name: str, runs: list[dict], workers: int) -> dict:
         "bare_cpu_us": round(median(r["bare"]["cpu"] for r in runs) / images * 1e6),
         "stage_cpu_us": round(median(stage(r, "cpu") for r in runs) / images * 1e6),
         "cpu_ratio": round(median(r["bare"]["cpu"] / stage(r, "cpu") for r in runs), 2),
+        "grey_ratio": round(median(r["bare_grey"]["seconds"] / stage(r) for r in runs), 2),
+        "grey_cpu_ratio": round(median(r["bare_grey"]["cpu"] / stage(r, "cpu") for r in runs), 2),
         "ingest_s": round(median(r["ingest"]["seconds"] for r in runs), 2),
         "validate_per_image_s": round(median(r["validate"]["per_image_seconds"] for r in runs), 2),
         "validate_stage_s": round(median(r["validate"]["stage_seconds"] for r in runs), 2),
@@ -239,13 +248,13 @@ def near_duplicate_scaling(k: int = 4) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| data | images | bare decode (img/s) | ingest + validate per-image work (img/s) | ratio (runs) | "
-             "CPU per image: bare / stages (us) | CPU ratio | ingest / validate per-image / validate whole stage (s) | "
+             "CPU per image: bare / stages (us) | CPU ratio | ratio, CPU ratio vs bare grey | ingest / validate per-image / validate whole stage (s) | "
              "peak RSS: ingest, its workers, validate (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['data']} | {r['images']:,} | {r['bare_images_per_s']:,} | {r['stage_images_per_s']:,} | "
                      f"**{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | {r['bare_cpu_us']} / "
-                     f"{r['stage_cpu_us']} | **{r['cpu_ratio']}** | {r['ingest_s']} / "
+                     f"{r['stage_cpu_us']} | **{r['cpu_ratio']}** | {r['grey_ratio']}, {r['grey_cpu_ratio']} | {r['ingest_s']} / "
                      f"{r['validate_per_image_s']} / {r['validate_stage_s']} | {r['ingest_rss_mb']}, "
                      f"{r['ingest_worker_rss_mb']}, {r['validate_rss_mb']} |")
     return "\n".join(lines)
@@ -254,28 +263,32 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sets", nargs="+", choices=("1x", "10x", "512"), default=["1x", "10x", "512"],
+                        help="which data sets to measure (1x and 10x together give the memory ratio)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child[0], args.child[1:])
         return
     with tempfile.TemporaryDirectory(prefix="validate-bench-") as tmp:
-        sets = {"flowers altered (10x)": (make_tenfold, Path(tmp) / "flowers-10x"),
-                "flowers enlarged to 512 px": (make_enlarged, Path(tmp) / "flowers-512")}
+        sets = {name: made for key, name, made in (
+            ("10x", "flowers altered (10x)", (make_tenfold, Path(tmp) / "flowers-10x")),
+            ("512", "flowers enlarged to 512 px", (make_enlarged, Path(tmp) / "flowers-512"))) if key in args.sets}
         for name, (make, folder) in sets.items():
             started = time.perf_counter()
             count = make(folder)
             print(json.dumps({"made": name, "files": count, "seconds": round(time.perf_counter() - started, 1)}),
                   flush=True)
-        rows = [bench("flowers (1x)", FLOWERS, Path(tmp) / "1x", args.repeats)]
+        rows = [bench("flowers (1x)", FLOWERS, Path(tmp) / "1x", args.repeats)] if "1x" in args.sets else []
         rows += [bench(name, folder, Path(tmp) / f"run-{i}", args.repeats)
                  for i, (name, (_, folder)) in enumerate(sets.items())]
     for row in rows:
         print(json.dumps(row))
     print(table(rows))
-    one, ten = rows[:2]
-    for key in ("ingest_rss_mb", "ingest_worker_rss_mb", "validate_rss_mb"):
-        print(f"{key}: 10x / 1x = {ten[key] / one[key]:.2f}")
+    if "1x" in args.sets and "10x" in args.sets:
+        one, ten = rows[:2]
+        for key in ("ingest_rss_mb", "ingest_worker_rss_mb", "validate_rss_mb"):
+            print(f"{key}: 10x / 1x = {ten[key] / one[key]:.2f}")
     print("\n| hashes | distance | masks (sorts) | seconds | groups |\n|---|---|---|---|---|")
     for r in near_duplicate_scaling():
         print(f"| {r['hashes']:,} | {r['distance']} | {r['masks']} | {r['seconds']} | {r['groups']:,} |")

@@ -76,6 +76,12 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    frame = jpeg_frame(data)
+    return frame[:2] if frame else None
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bits per sample) from a JPEG's frame header; None if not found."""
     pos = 2  # after the SOI marker
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -91,8 +97,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None
         # SOF0..SOF15 hold the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
+            precision, height, width, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+            return width, height, components, precision
         pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
     return None
 
@@ -123,32 +129,81 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return (size[256], size[257]) if len(size) == 2 else None
 
 
+def refusal(data: bytes, fmt: str, max_pixels: int | None) -> str:
+    """Why these bytes must not go to the decoder ("" if they may): checks that need no decoding."""
+    if fmt == "empty":
+        return "empty file (0 bytes)"
+    if fmt == "unknown":
+        return "not an image (no known image signature in the first bytes)"
+    size = header_size(data, fmt) if max_pixels else None
+    if size and size[0] * size[1] > max_pixels:
+        return (f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "
+                f"over the limit of {max_pixels} (ingest.max_pixels)")
+    # OpenCV decodes a cut-off JPEG or PNG without complaint (the rest is grey): check the end marker
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-1024:]:
+        return "truncated jpeg (no end-of-image marker)"
+    if fmt == "png" and b"IEND" not in data[-64:]:
+        return "truncated png (no IEND chunk)"
+    return ""
+
+
 def decode(data: bytes, max_pixels: int | None = None) -> Decoded:
     """Decode image bytes unchanged (keeps 16-bit depth and alpha, so they can be reported).
 
     With `max_pixels`, an image whose header claims more pixels is refused before decoding.
     """
     fmt = detect_format(data)
-    if fmt == "empty":
-        return Decoded(None, "empty file (0 bytes)")
-    if fmt == "unknown":
-        return Decoded(None, "not an image (no known image signature in the first bytes)")
-    size = header_size(data, fmt) if max_pixels else None
-    if size and size[0] * size[1] > max_pixels:
-        return Decoded(None, f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "
-                             f"over the limit of {max_pixels} (ingest.max_pixels)")
-    # OpenCV decodes a cut-off JPEG or PNG without complaint (the rest is grey): check the end marker
-    if fmt == "jpeg" and b"\xff\xd9" not in data[-1024:]:
-        return Decoded(None, "truncated jpeg (no end-of-image marker)")
-    if fmt == "png" and b"IEND" not in data[-64:]:
-        return Decoded(None, "truncated png (no IEND chunk)")
+    reason = refusal(data, fmt, max_pixels)
+    return Decoded(None, reason) if reason else _imdecode(data, fmt, cv2.IMREAD_UNCHANGED)
+
+
+def _imdecode(data: bytes, fmt: str, flags: int) -> Decoded:
     try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:  # OpenCV raises on some malformed headers instead of returning None
         return Decoded(None, f"cannot decode {fmt}: {str(exc).strip().splitlines()[-1]}")
     if image is None or image.size == 0:
         return Decoded(None, f"cannot decode {fmt}: truncated or corrupt file")
     return Decoded(image, "")
+
+
+@dataclass(frozen=True)
+class Looked:
+    """One file as ingest records it: the image's layout as `decode` gives it, and pixels to describe."""
+    shape: tuple[int, int, int, int] | None  # (width, height, channels, bit depth); None if not decoded
+    pixels: np.ndarray | None  # the decoded image, or only its grey plane, perhaps at a reduced scale
+    error: str  # empty when decoded
+
+
+# IMREAD_REDUCED_GRAYSCALE_<n>: the JPEG decoder scales down by n inside its inverse DCT
+_REDUCED_GREY = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                 (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def look(data: bytes, max_pixels: int | None, side: int) -> Looked:
+    """Decode enough of an image to check it and describe it at a working size of about `side` px.
+
+    The common case, an 8-bit grey or colour JPEG, is decoded straight to grey, at 1/2, 1/4 or
+    1/8 scale when its longest side is still at least `side` after it: the decoder then skips
+    the colour conversion and most of the inverse DCT (2x cheaper for a 128 px photo, far more
+    for a large one), and it still reads every byte of the compressed data, so a corrupt file
+    fails as it would at full size. The header gives the layout `decode` would report. Any
+    other file is decoded unchanged, as `decode` does.
+    """
+    fmt = detect_format(data)
+    reason = refusal(data, fmt, max_pixels)
+    if reason:
+        return Looked(None, None, reason)
+    frame = jpeg_frame(data) if fmt == "jpeg" else None
+    if frame and frame[2] in (1, 3) and frame[3] == 8:  # not CMYK, not 12-bit: OpenCV converts those
+        width, height, components, _ = frame
+        flags = next((flag for n, flag in _REDUCED_GREY if -(-max(width, height) // n) >= side),
+                     cv2.IMREAD_GRAYSCALE)
+        # the header's width and height are the stored ones: do not let EXIF rotate the pixels
+        decoded = _imdecode(data, fmt, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+        return Looked((width, height, components, 8) if decoded.ok else None, decoded.image, decoded.error)
+    decoded = _imdecode(data, fmt, cv2.IMREAD_UNCHANGED)
+    return Looked(shape_of(decoded.image) if decoded.ok else None, decoded.image, decoded.error)
 
 
 def shape_of(image: np.ndarray) -> tuple[int, int, int, int]:

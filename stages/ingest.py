@@ -21,10 +21,13 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
+import itertools
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
 
 import cv2
 from tqdm import tqdm
@@ -44,14 +47,14 @@ log = logging.getLogger(__name__)
 
 def describe(record: Record, data: bytes, max_pixels: int) -> dict:
     """The manifest row of one image file: pure, from its record and bytes."""
-    decoded = imagefile.decode(data, max_pixels)
+    looked = imagefile.look(data, max_pixels, image_facts.FACTS_SIDE)
     row = {"id": hashlib.sha1(data).hexdigest(), "label": record.label, "path": record.path,
            "source_split": record.source_split, "format": imagefile.detect_format(data), "bytes": len(data),
-           "error": decoded.error}
-    if decoded.ok:
-        width, height, channels, bit_depth = imagefile.shape_of(decoded.image)
+           "error": looked.error}
+    if looked.shape:
+        width, height, channels, bit_depth = looked.shape
         row |= {"width": width, "height": height, "channels": channels, "bit_depth": bit_depth,
-                **image_facts.facts(decoded.image).as_row()}
+                **image_facts.facts(looked.pixels).as_row()}
     return row
 
 
@@ -79,19 +82,36 @@ def file_row(record: Record, root: str, max_pixels: int) -> dict:
     return describe(record, data, max_pixels)
 
 
-def ingest(source: Source, writer: csv.DictWriter, max_pixels: int, workers: int) -> int:
-    """Write one manifest row per input, in listing order; returns the number of rows."""
+def ingest(source: Source, out: TextIO, max_pixels: int, workers: int) -> int:
+    """Write the manifest (header, then one row per input, in listing order) to `out`; returns the rows."""
+    csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
+    batches = _batched(source.records(), CHUNKSIZE)
     if source.layout == "idx":
-        return write_rows((describe_pixels(r, source.read_idx_pixels(r.path)) for r in source.records()), writer)
-    work = functools.partial(file_row, root=str(source.root), max_pixels=max_pixels)
+        return write_lines(map(functools.partial(_lines, lambda r: describe_pixels(r, source.read_idx_pixels(r.path))),
+                               batches), out)
+    work = functools.partial(_lines, functools.partial(file_row, root=str(source.root), max_pixels=max_pixels))
     if workers == 1:
-        return write_rows(map(work, source.records()), writer)
+        return write_lines(map(work, batches), out)
     # Forked workers start in milliseconds; ingest never imports TensorFlow, whose threads do not
-    # survive a fork. `imap` returns the rows in listing order, so the manifest's bytes do not
+    # survive a fork. `imap` returns the batches in listing order, so the manifest's bytes do not
     # depend on the number of workers, and it reads the listing only as fast as the workers need
-    # it (the pipe to them is bounded), so memory stays flat.
+    # it (the pipe to them is bounded), so memory stays flat. Each worker sends back the CSV text
+    # of a batch, not its rows: the main process, which shares the cores, then only writes it.
     with _single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
-        return write_rows(pool.imap(work, source.records(), chunksize=CHUNKSIZE), writer)
+        return write_lines(pool.imap(work, batches), out)
+
+
+def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    records = iter(records)
+    while batch := list(itertools.islice(records, size)):
+        yield batch
+
+
+def _lines(describe: Callable[[Record], dict], records: list[Record]) -> tuple[str, int]:
+    """The manifest rows of a batch of records, as CSV text, and how many there are."""
+    text = io.StringIO()
+    csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n").writerows(map(describe, records))
+    return text.getvalue(), len(records)
 
 
 @contextlib.contextmanager
@@ -109,11 +129,13 @@ def _single_threaded_opencv():
         cv2.setNumThreads(threads)
 
 
-def write_rows(rows: Iterable[dict], writer: csv.DictWriter) -> int:
+def write_lines(batches: Iterable[tuple[str, int]], out: TextIO) -> int:
     count = 0
-    for row in tqdm(rows, desc="ingest", unit="img", mininterval=2, disable=None):
-        writer.writerow(row)
-        count += 1
+    with tqdm(desc="ingest", unit="img", mininterval=2, disable=None) as progress:
+        for text, rows in batches:
+            out.write(text)
+            count += rows
+            progress.update(rows)
     return count
 
 
@@ -125,9 +147,7 @@ def run(params: Params) -> None:
             workers = 1 if source.layout == "idx" else p.workers or available_cores()
             log.info("reading %s (layout: %s, %d worker processes)", p.source, source.layout, workers)
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
-                writer.writeheader()
-                count = ingest(source, writer, p.max_pixels, workers)
+                count = ingest(source, fh, p.max_pixels, workers)
             if count == 0:
                 raise StageError(f"ingest.source {p.source} holds no files")
     except SourceError as exc:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import imagefile
-from tests.data.test_ingest import bomb_png
+from stages import image_facts, imagefile
+from tests.data.test_ingest import bomb_png, photo
 
 # (PIL format, options): every format header_size reads, in the variants its header differs by
 VARIANTS = [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("GIF", {}), ("BMP", {}),
@@ -49,3 +49,64 @@ def test_the_limit_is_on_pixels_not_sides():
     assert imagefile.decode(png(6, 20), max_pixels=100).error == (
         "too large to decode: the png header says 20x6 pixels, over the limit of 100 (ingest.max_pixels)")
     assert imagefile.decode(png(6, 20)).ok  # no limit given: preprocess reads only validated images
+
+
+# --- look: what ingest decodes of a file ------------------------------------------------------
+
+def jpeg(image: np.ndarray, **options) -> bytes:
+    mode = "L" if image.ndim == 2 else "RGB"
+    out = io.BytesIO()
+    Image.fromarray(image, mode).save(out, "JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_look_reports_what_decode_reports_and_gives_the_grey_pixels(channels, options):
+    rgb = cv2.cvtColor(cv2.imread(str(photo(3))), cv2.COLOR_BGR2RGB)
+    data = jpeg(rgb if channels == 3 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), **options)
+    looked = imagefile.look(data, max_pixels=10**8, side=256)
+    decoded = imagefile.decode(data, max_pixels=10**8)
+    assert looked.error == "" and looked.shape == imagefile.shape_of(decoded.image)
+    assert looked.shape[2] == channels
+    # the grey plane OpenCV decodes directly, pixel for pixel
+    assert np.array_equal(looked.pixels, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE))
+
+
+def test_look_decodes_a_large_jpeg_at_a_reduced_scale_with_the_same_facts():
+    big = cv2.resize(cv2.imread(str(photo(4))), None, fx=9, fy=9, interpolation=cv2.INTER_CUBIC)  # about 1150 px
+    data = jpeg(cv2.cvtColor(big, cv2.COLOR_BGR2RGB))
+    looked = imagefile.look(data, max_pixels=10**8, side=256)
+    height, width = big.shape[:2]
+    assert looked.shape == (width, height, 3, 8)
+    # 1/4 scale: the largest reduction that keeps the longest side at 256 px or more
+    assert looked.pixels.shape == (-(-height // 4), -(-width // 4))
+    reduced, full = image_facts.facts(looked.pixels), image_facts.facts(imagefile.decode(data).image)
+    assert abs(reduced.brightness - full.brightness) < 1 and abs(reduced.contrast - full.contrast) < 1
+    assert abs(reduced.sharpness - full.sharpness) < 0.1 * full.sharpness
+    assert bin(int(reduced.phash, 16) ^ int(full.phash, 16)).count("1") <= 2
+
+
+def test_look_ignores_the_exif_rotation_as_decode_does():
+    rgb = np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(photo(5))), cv2.COLOR_BGR2RGB)[:, :90])  # not square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    data = jpeg(rgb, exif=exif.tobytes())
+    looked = imagefile.look(data, max_pixels=10**8, side=256)
+    height, width = rgb.shape[:2]
+    assert looked.shape[:2] == (width, height) and looked.pixels.shape == (height, width)
+    assert imagefile.decode(data).image.shape[:2] == (height, width)
+
+
+def test_look_refuses_what_decode_refuses():
+    whole = jpeg(cv2.cvtColor(cv2.imread(str(photo(6))), cv2.COLOR_BGR2RGB))
+    for data in (b"", b"hello", whole[: len(whole) // 2], bomb_png(100_000, 100_000)):
+        looked, decoded = imagefile.look(data, max_pixels=10**8, side=256), imagefile.decode(data, max_pixels=10**8)
+        assert looked.error == decoded.error != "" and looked.shape is None and looked.pixels is None
+
+
+def test_look_decodes_other_files_unchanged():
+    rgba = np.random.default_rng(1).integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    data = cv2.imencode(".png", rgba)[1].tobytes()
+    looked = imagefile.look(data, max_pixels=10**8, side=256)
+    assert looked.shape == (30, 20, 4, 8) and np.array_equal(looked.pixels, rgba)
