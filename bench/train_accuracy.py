@@ -22,11 +22,10 @@ from bench import workspace  # noqa: E402
 
 os.environ.update({k: workspace.environment()[k] for k in ("KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")})
 
-import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from stages import shards  # noqa: E402
+from stages import model_io, shards  # noqa: E402
 
 WEIGHTS = str(workspace.WEIGHTS)  # the offline MobileNet 0.25 file, for sizes Keras has no other file for
 HEAD = {"backbone_size": 160, "weights": WEIGHTS, "epochs": 40, "learning_rate": 0.003, "dropout": 0.5}
@@ -50,7 +49,7 @@ SETUPS = {
 
 
 def test_accuracy(folder: Path, params: dict) -> float:
-    model = keras.saving.load_model(folder / params["paths"]["model"], compile=False, safe_mode=True)
+    model = model_io.load(folder / params["paths"]["model"], trust=True)  # this run's own model
     meta = shards.read_meta(folder / params["paths"]["shards"])
     ds = shards.records(folder / params["paths"]["shards"], "test", meta).batch(256)
     ds = ds.map(shards.parse_batch(meta, ("image", "label")))

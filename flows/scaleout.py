@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from stages import shards
+from stages.cli import StageError
 from stages.params import load_params
 
 # One thread per worker process: TensorFlow decodes in its own threads, and two busy processes
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         runner = DaskTaskRunner(cluster_kwargs={**LOCAL_CLUSTER, "n_workers": args.workers})
     try:
         summary = shard_stats.with_options(task_runner=runner)(str(folder))
-    except (ShardsMismatch, FileNotFoundError) as exc:
+    except (ShardsMismatch, StageError) as exc:
         sys.exit(f"shard statistics failed: {exc}")
     print(json.dumps(summary, indent=2))
 

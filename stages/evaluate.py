@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-import stages.model  # noqa: F401  (registers the custom layers a trained model may hold, before loading)
-from stages import export, gate, report, shards
+from stages import export, gate, model_io, report, shards
 from stages.atomic import write_csv, write_json
 from stages.cli import StageError, stage_main
 from stages.params import Params
@@ -220,9 +219,13 @@ def file_md5(path: Path) -> str:
 def load_model(model_path: Path, meta: dict) -> keras.Model:
     if not model_path.is_file():
         raise StageError(f"{model_path}: model not found; run the train stage first")
-    # compile=False: predicting needs no optimizer; safe_mode refuses models that would run
-    # arbitrary Python code (lambda layers) on loading.
-    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    # Safe mode (a model that would run Python code is refused), except for a TF Hub backbone:
+    # paths.model is this pipeline's own train stage's output, so its SavedModel is trusted.
+    savedmodels = model_io.savedmodel_paths(model_path)
+    if savedmodels:
+        log.info("loading %s with safe_mode=False: its TF Hub backbone is a SavedModel layer (%s), made by the "
+                 "train stage", model_path, ", ".join(savedmodels))
+    model = model_io.load(model_path, trust=True)
     expected = (meta["height"], meta["width"], meta["channels"])
     if tuple(model.input_shape[1:]) != expected or model.output_shape[-1] != len(meta["classes"]):
         raise StageError(
@@ -234,10 +237,7 @@ def load_model(model_path: Path, meta: dict) -> keras.Model:
 
 def run(params: Params) -> None:
     folder = Path(params.paths.shards)
-    try:
-        meta = shards.read_meta(folder)
-    except FileNotFoundError as exc:
-        raise StageError(str(exc)) from None
+    meta = shards.read_meta(folder)
     classes = meta["classes"]
     if not meta["counts"].get("test"):
         raise StageError(f"{folder}: the shards hold no test images")

@@ -2,7 +2,8 @@
 
 Written by the evaluate stage into `evaluate.export_dir`:
 
-    model.keras       the trained model, which takes preprocessed pixels (load with safe_mode=True)
+    model.keras       the trained model, which takes preprocessed pixels (load it with
+                      stages.model_io.load: safe mode, except with a TF Hub backbone)
     preprocess.json   what `predict` needs to turn an image file into those pixels exactly as the
                       preprocess stage did: classes, preprocess params, the train split's mean/std
     saved_model/      a TensorFlow SavedModel for TF Serving. Its `serve` signature (also

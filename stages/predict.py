@@ -3,8 +3,10 @@
     python -m stages.predict photo.jpg more/photos/           # a table on stdout
     python -m stages.predict --format csv --output preds.csv photos/
     python -m stages.predict --model models/export --format json photos/
+    python -m stages.predict --trust-model photos/              # a model with a TF Hub backbone
 
-Reads <export dir>/model.keras (safe mode: a model file cannot run code) and preprocess.json
+Reads <export dir>/model.keras (safe mode: a model file cannot run code; a model with a TF Hub
+backbone runs its SavedModel's graph, so it loads only with --trust-model) and preprocess.json
 (classes, preprocess params, normalisation stats), both written by the evaluate stage. Each file
 goes through the preprocess stage's own functions (OpenCV decode, transform, normalize, the
 shards' float16 rounding), so a test image gets the pixels, and the label, that evaluate saw.
@@ -24,12 +26,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import keras
 import numpy as np
 from tqdm import tqdm
 
-import stages.model  # noqa: F401  (registers the custom layers a trained model may hold, before loading)
-from stages import imagefile, shards
+from stages import imagefile, model_io, shards
+from stages.cli import StageError
 from stages.export import MODEL, PREPROCESS, spec_preprocess
 from stages.params import ParamsError, Preprocess, load_params
 from stages.preprocess import normalize, transform
@@ -70,8 +71,12 @@ def pixels(data: bytes, p: Preprocess, spec: dict) -> np.ndarray:
 # -- the model -------------------------------------------------------------------------------
 
 
-def load_export(folder: str | Path):
-    """(model, spec) from an export folder; PredictError naming what is missing or refused."""
+def load_export(folder: str | Path, trust_model: bool = False):
+    """(model, spec) from an export folder; PredictError naming what is missing or refused.
+
+    The model loads in safe mode; one with a TF Hub backbone (a SavedModel layer, which runs that
+    SavedModel's graph) only when `trust_model`, as any model file may be given here.
+    """
     folder = Path(folder)
     spec_path, model_path = folder / PREPROCESS, folder / MODEL
     for path in (spec_path, model_path):
@@ -79,8 +84,13 @@ def load_export(folder: str | Path):
             raise PredictError(f"{path} not found; the evaluate stage exports the model there (dvc repro)")
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     try:
-        # safe_mode: a model file holding Python code (a Lambda layer) is refused, not run
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+        # safe mode: a model file holding Python code (a Lambda layer) is refused, not run; a TF
+        # Hub backbone (a SavedModel's graph) only with --trust-model
+        model = model_io.load(model_path, trust=trust_model)
+    except model_io.UntrustedModel as exc:
+        raise PredictError(f"{exc}; pass --trust-model if you trust the model and that SavedModel") from None
+    except StageError as exc:
+        raise PredictError(str(exc)) from None
     except (ValueError, TypeError, OSError) as exc:
         raise PredictError(f"{model_path}: cannot load the model safely: {exc}") from None
     if tuple(model.input_shape[1:]) != tuple(spec["input_shape"]) or model.output_shape[-1] != len(spec["classes"]):
@@ -153,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("table", "csv", "json"), help="default: table, or the --output file's suffix")
     parser.add_argument("--output", help="write here instead of stdout")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--trust-model", action="store_true",
+                        help="load a model with a TF Hub backbone, which runs its SavedModel's graph "
+                             "(Keras' safe_mode=False); any other model loads in safe mode regardless")
     args = parser.parse_args(argv)
     fmt = args.format or {".csv": "csv", ".json": "json"}.get(Path(args.output or "").suffix, "table")
     try:
         files = list_inputs(args.inputs)
         if not files:
             raise PredictError(f"no files in {', '.join(args.inputs)}")
-        model, spec = load_export(args.model or default_model_dir())
+        model, spec = load_export(args.model or default_model_dir(), args.trust_model)
         results = list(predict(model, spec, files, max(1, args.batch_size)))
     except PredictError as exc:
         print(f"predict: error: {exc}", file=sys.stderr)

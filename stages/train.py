@@ -180,7 +180,10 @@ def cached_datasets(clf: Classifier, params: Params, meta: dict, copies: dict[st
 
 
 def run_fingerprint(params: Params) -> str:
-    """sha1 of everything that makes a training run what it is (cache_dir aside: where is not what)."""
+    """sha1 of everything that makes a training run what it is (cache_dir aside: where is not what).
+
+    A killed run resumes only when this is unchanged: same params, shards, rebalance plan and code.
+    """
     rebalance = Path(params.paths.rebalance)
     parts = {
         "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k != "cache_dir"},
@@ -189,9 +192,10 @@ def run_fingerprint(params: Params) -> str:
         "versions": [tf.__version__, keras.__version__],
     }
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode())
+    # the shards: their metadata and each file's size and time, not their bytes (cheap on any data set)
+    digest.update(shards.stamp(params.paths.shards).encode())
     here = Path(__file__).parent
-    for path in [Path(params.paths.shards) / shards.META, rebalance / "plan.json", rebalance / "copies.csv",
-                 *(here / name for name in CODE)]:
+    for path in [rebalance / "plan.json", rebalance / "copies.csv", *(here / name for name in CODE)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -325,10 +329,7 @@ def save_model(model: keras.Model, path: Path) -> None:
 
 def run(params: Params) -> None:
     folder = Path(params.paths.shards)
-    try:
-        meta = shards.read_meta(folder)
-    except FileNotFoundError as exc:
-        raise StageError(str(exc)) from None
+    meta = shards.read_meta(folder)
     if not meta["counts"].get("train"):
         raise StageError(f"{folder}: the shards hold no training images")
     plan, copies = read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])

@@ -57,7 +57,9 @@ def run_params(root: Path, reports: Path | None = None, **evaluate_params):
         },
         "ingest": {"source": str(MNIST), "layout": "idx"},
         "preprocess": {"colour_mode": "grey", "size": [28, 28], "normalization": "unit", "images_per_shard": 64},
-        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01},
+        # cache_dir in the run's folder: never the project's .cache/train, nor another run's lock
+        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01,
+                  "cache_dir": str(root / "cache")},
         "evaluate": {"export_dir": str(root / "models" / "export"), "blessed_file": str(root / "models" / "blessed.json"),
                      **evaluate_params},
     })

@@ -46,7 +46,8 @@ def flowers_run(tmp_path_factory):
         "ingest": {"source": str(FLOWERS), "layout": "folders"},
         "preprocess": {"colour_mode": "rgb", "size": [48, 48], "blur_kernel": 3, "normalization": "standardize",
                        "standardize_scope": "dataset"},
-        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4, "batch_size": 16, "learning_rate": 0.01},
+        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4, "batch_size": 16, "learning_rate": 0.01,
+                  "cache_dir": str(root / "cache")},
         "evaluate": {"export_dir": str(root / "models" / "export"), "blessed_file": str(root / "models" / "blessed.json")},
     })
     for stage in (preprocess, rebalance, train, evaluate):

@@ -1,8 +1,12 @@
 import json
+import os
 
 import numpy as np
+import pytest
 
 from stages import shards
+from stages.cli import StageError
+from stages.params import params_from_dict
 
 
 def write(folder, images, per_shard=3):
@@ -28,3 +32,35 @@ def test_round_trip_and_identical_bytes(tmp_path):
     write(tmp_path / "b", images)
     for name in writer.files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_missing_metadata_is_a_stage_error_naming_it_and_the_stage_to_run(tmp_path):
+    with pytest.raises(StageError, match=f"{tmp_path / shards.META} not found.*run the preprocess stage"):
+        shards.read_meta(tmp_path)
+
+
+def test_a_changed_shard_changes_the_resume_fingerprint(tmp_path):
+    from stages import train  # TensorFlow and Keras: only for this test
+
+    rng = np.random.default_rng(0)
+    write(tmp_path / "shards", [rng.random((4, 5, 1), dtype=np.float32) for _ in range(7)])
+    (tmp_path / "rebalance").mkdir()
+    (tmp_path / "rebalance" / "plan.json").write_text('{"method": "none"}')
+    (tmp_path / "rebalance" / "copies.csv").write_text("id,label,copies\n")
+    params = params_from_dict({"paths": {"shards": str(tmp_path / "shards"), "rebalance": str(tmp_path / "rebalance")}})
+    before = train.run_fingerprint(params)
+    assert train.run_fingerprint(params) == before  # nothing changed: a killed run may resume
+
+    # other pixels, same size, meta.json untouched: what re-preprocessing changed images writes
+    shard = tmp_path / "shards" / "train-00001.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF
+    info = shard.stat()
+    shard.write_bytes(bytes(data))
+    # a rewrite moves the file's time; set it apart explicitly, as a coarse file system clock might not
+    os.utime(shard, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
+    assert train.run_fingerprint(params) != before
+
+    shard.unlink()
+    with pytest.raises(StageError, match=f"{shard}: listed in meta.json but missing"):
+        train.run_fingerprint(params)
