@@ -129,13 +129,16 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return (size[256], size[257]) if len(size) == 2 else None
 
 
-def refusal(data: bytes, fmt: str, max_pixels: int | None) -> str:
-    """Why these bytes must not go to the decoder ("" if they may): checks that need no decoding."""
+def refusal(data: bytes, fmt: str, max_pixels: int | None, size: tuple[int, int] | None = None) -> str:
+    """Why these bytes must not go to the decoder ("" if they may): checks that need no decoding.
+
+    `size`: the header's (width, height), when the caller has already read it.
+    """
     if fmt == "empty":
         return "empty file (0 bytes)"
     if fmt == "unknown":
         return "not an image (no known image signature in the first bytes)"
-    size = header_size(data, fmt) if max_pixels else None
+    size = size or (header_size(data, fmt) if max_pixels else None)
     if size and size[0] * size[1] > max_pixels:
         return (f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "
                 f"over the limit of {max_pixels} (ingest.max_pixels)")
@@ -191,10 +194,10 @@ def look(data: bytes, max_pixels: int | None, side: int) -> Looked:
     other file is decoded unchanged, as `decode` does.
     """
     fmt = detect_format(data)
-    reason = refusal(data, fmt, max_pixels)
+    frame = jpeg_frame(data) if fmt == "jpeg" else None
+    reason = refusal(data, fmt, max_pixels, frame[:2] if frame else None)
     if reason:
         return Looked(None, None, reason)
-    frame = jpeg_frame(data) if fmt == "jpeg" else None
     if frame and frame[2] in (1, 3) and frame[3] == 8:  # not CMYK, not 12-bit: OpenCV converts those
         width, height, components, _ = frame
         flags = next((flag for n, flag in _REDUCED_GREY if -(-max(width, height) // n) >= side),
