@@ -63,3 +63,12 @@ def test_phash_barely_moves_for_a_copy_and_far_for_another_photo(change):
 def test_facts_row_is_rounded_for_a_stable_manifest():
     facts = image_facts.ImageFacts(sharpness=1 / 3, brightness=2 / 3, contrast=10.0, phash="00ff00ff00ff00ff")
     assert facts.as_row() == {"sharpness": 0.33, "brightness": 0.67, "contrast": 10.0, "phash": "00ff00ff00ff00ff"}
+
+
+def test_phash_keeps_the_lowest_frequencies_of_opencvs_dct():
+    for i in range(6):
+        grey = cv2.cvtColor(cv2.imread(str(photo(i))), cv2.COLOR_BGR2GRAY)
+        small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+        low = cv2.dct(small)[:8, :8].ravel()
+        expected = np.packbits(low > np.median(low)).tobytes().hex()
+        assert image_facts.phash(grey) == expected
