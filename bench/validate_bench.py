@@ -132,6 +132,8 @@ def child_validate(folder: Path) -> dict:
     started, cpu = time.perf_counter(), cpu_seconds()
     result = validate.triage(validate.read_manifest(params.paths.manifest), params.validate)
     per_image, per_image_cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    accepted, groups = len(result.accepted), len(result.groups)
+    del result  # the stage reads and triages the manifest again: one copy at a time, as under DVC
     started = time.perf_counter()
     try:
         validate.run(params)
@@ -139,13 +141,15 @@ def child_validate(folder: Path) -> dict:
         print(f"validate gate: {str(exc).splitlines()[0]}", file=sys.stderr)
     return {"per_image_seconds": per_image, "per_image_cpu": per_image_cpu,
             "stage_seconds": time.perf_counter() - started,
-            "accepted": len(result.accepted), "near_duplicate_groups": len(result.groups)}
+            "accepted": accepted, "near_duplicate_groups": groups}
 
 
 def measure(kind: str, *args: str) -> dict:
     """Run one measurement in a fresh process; its result plus its peak RSS."""
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, *args], env=workspace.environment(),
-                          capture_output=True, text=True)
+    # in the workspace folder, as DVC runs a stage in its repository (validate keeps its GX project in ./gx)
+    cwd = args[0] if kind in ("ingest", "validate") else None
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, *args],
+                          env=workspace.environment(), capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

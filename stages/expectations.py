@@ -11,29 +11,49 @@ Four tables, one suite each, so the Data Docs show a reviewer where a problem si
 Every expectation carries `meta={"critical": ...}`: a failed critical one fails the stage, a
 failed warning is only reported. Every threshold comes from `validate:` in params.yaml.
 
-The context is ephemeral on purpose (stores in memory, only the Data Docs written to disk): the
-suites are this code, the results are the stage's outputs, and a GX folder in the repository
-would hold run state that changes on every run, outside what DVC versions.
+The GX project is file-backed: `gx/` in the folder the stage runs in (the repository root under
+DVC). What is committed is its configuration, `gx/great_expectations.yml` (store locations,
+analytics and progress bars off, and the pandas data source with one dataframe asset and batch
+definition per table), and `gx/.gitignore`. The suites are this code: each run stores them,
+with a validation definition and a checkpoint per table, into `gx/uncommitted/`, next to the
+validation results it adds there, so `gx.get_context(mode="file")` finds them after a run.
+Nothing under `gx/uncommitted/` is versioned: it is run state (the suites, definitions and
+checkpoints are rewritten from this code by every run; the results add up, one set per run,
+and can be deleted at will).
+
+GX rewrites great_expectations.yml only when it adds to the data source. The committed file
+already holds every table's asset, so a run leaves it untouched; a new table adds its asset
+on its first run, and the rewritten file is then the one to commit. A folder with no gx/ (a
+benchmark's, a test's) gets a copy of the repository's gx/ files on its first run, not GX's
+default project (whose stores sit outside uncommitted/, with analytics and progress bars on).
+
+The Data Docs site is `<paths.data_quality>/site`, a DVC output, and not part of the project's
+configuration: the path comes from params.yaml, and the site is built from this run's results
+only, not from every result the project has stored.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
-from great_expectations.data_context.types.base import (
-    DataContextConfig,
-    InMemoryStoreBackendDefaults,
-    ProgressBarsConfig,
-)
+from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
 from stages.params import Validate
 
 SITE = "data_quality"
+# the GX project's folder, under the folder the stage runs in
+GX_DIR = "gx"
+# the repository's committed GX files, copied into a folder that has no GX project yet
+TEMPLATE = Path(__file__).resolve().parents[1] / GX_DIR
+TEMPLATE_FILES = ("great_expectations.yml", ".gitignore")
+# the pandas data source of great_expectations.yml: one dataframe asset per table
+SOURCE = "validate"
 # offending rows quoted per failed expectation in the error message
 EXAMPLES = 5
 
@@ -158,45 +178,77 @@ def suites(rules: Validate, labels: list[str]) -> dict[str, list[gxe.Expectation
     }
 
 
-def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path) -> list[Outcome]:
-    """Validate each table against its suite and write the Data Docs site into `site_dir`."""
+def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path,
+          root: Path = Path(".")) -> list[Outcome]:
+    """Validate each table against its suite, with the GX project in `root`/gx, and write the
+    Data Docs site of this run into `site_dir`."""
     # GX logs its set-up at INFO, which would bury the stage's own log lines
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
-        # in memory: the stage keeps no GX state between runs, only the HTML report
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        data_docs_sites={SITE: {
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(site_dir).resolve())},
-        }},
-        analytics_enabled=False,
-        # GX's progress bars would fill the DVC log with carriage returns
-        progress_bars=ProgressBarsConfig(globally=False),
-    ))
-    source = context.data_sources.add_pandas("validate")
+    context = _context(Path(root))
+    source = (context.data_sources.get(SOURCE) if SOURCE in context.data_sources.all()
+              else context.data_sources.add_pandas(SOURCE))
     outcomes: list[Outcome] = []
+    pages = []  # what the Data Docs show: this run's suites and results
     for table in tables:
-        batch = source.add_dataframe_asset(table.name).add_batch_definition_whole_dataframe(table.name)
-        suite = context.suites.add(
+        batch = _whole_dataframe(source, table.name)
+        # add_or_update: the stored suite is this code's, whatever an earlier run stored
+        suite = context.suites.add_or_update(
             gx.ExpectationSuite(name=table.name, expectations=suites[table.name], notes=table.notes))
-        definition = context.validation_definitions.add(
+        definition = context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=table.name, data=batch, suite=suite))
         # one checkpoint per table: a checkpoint passes the same dataframe to all its validations
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
+        checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
             name=table.name,
             validation_definitions=[definition],
             # SUMMARY: counts and the first few offending rows, named by `key`, never full lists
             result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [table.key]},
         ))
         result = checkpoint.run(batch_parameters={"dataframe": table.frame})
-        for suite_result in result.run_results.values():
+        for result_id, suite_result in result.run_results.items():
             outcomes += [_outcome(table, r) for r in suite_result.results]
-    # One Data Docs build from the stored results of every table: an UpdateDataDocsAction per
-    # checkpoint renders only that checkpoint's page, and re-renders the index each time.
-    context.build_data_docs(site_names=[SITE])
+            pages.append(result_id)
+        pages.append(ExpectationSuiteIdentifier(name=table.name))
+    # The site is set in memory only, after the last change GX could save to
+    # great_expectations.yml: its path comes from params.yaml (here, the temporary folder
+    # validate.run renames into place).
+    context.variables.data_docs_sites = {SITE: {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                          "base_directory": str(Path(site_dir).resolve())},
+    }}
+    # One Data Docs build, of this run's pages only (the results store keeps every run's): an
+    # UpdateDataDocsAction per checkpoint renders only that checkpoint's page, and re-renders
+    # the index each time.
+    context.build_data_docs(site_names=[SITE], resource_identifiers=pages)
     return outcomes
+
+
+def _context(root: Path):
+    """The file-backed GX project in `root`/gx; a copy of the repository's when there is none."""
+    project = root / GX_DIR
+    if not (project / TEMPLATE_FILES[0]).is_file():
+        if not (TEMPLATE / TEMPLATE_FILES[0]).is_file():
+            raise RuntimeError(f"no GX project in {project.resolve()}, and none at {TEMPLATE} to copy")
+        project.mkdir(parents=True, exist_ok=True)
+        for name in TEMPLATE_FILES:
+            shutil.copyfile(TEMPLATE / name, project / name)
+    # project_root_dir, not GX's own search ($GX_HOME, then gx/ here or in a parent folder): a
+    # folder inside another GX project gets a project of its own
+    return gx.get_context(mode="file", project_root_dir=root)
+
+
+def _whole_dataframe(source, name: str):
+    """The batch definition `name` of the dataframe asset `name`, added when missing.
+
+    Adding one rewrites great_expectations.yml (with new ids), so the committed file holds
+    them all, and a run only reads them.
+    """
+    asset = (source.get_asset(name) if name in source.get_asset_names()
+             else source.add_dataframe_asset(name))
+    if name in {b.name for b in asset.batch_definitions}:
+        return asset.get_batch_definition(name)
+    return asset.add_batch_definition_whole_dataframe(name)
 
 
 def _outcome(table: Table, result) -> Outcome:

@@ -154,7 +154,9 @@ def corpus(tmp_path_factory):
         "validate": {"min_images_per_class": 1, "max_quarantined_fraction": 1.0},
     })
     ingest.run(params)
-    validate.run(params)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # the stage keeps its GX project in ./gx: not the repository's
+        validate.run(params)
     manifest = validate.read_manifest(root / "manifest.csv").set_index("path")
     return root, manifest, validate.triage(manifest.reset_index(), params.validate), root / "dq"
 

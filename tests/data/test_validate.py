@@ -66,6 +66,12 @@ def reasons(result: validate.Triage) -> dict[str, str]:
     return dict(zip(result.quarantine["path"], result.quarantine["reason"]))
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Run in tmp_path: the stage keeps its GX project in ./gx, which must not be the repository's."""
+    monkeypatch.chdir(tmp_path)
+
+
 # --- per-image rules (pure core) -------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, reason", [

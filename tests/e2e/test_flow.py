@@ -254,6 +254,9 @@ def make_pipeline_repo(path: Path) -> Path:
     path.mkdir()
     no_cache = shutil.ignore_patterns("__pycache__")
     shutil.copytree(PROJECT / "stages", path / "stages", ignore=no_cache)
+    (path / "gx").mkdir()  # the validate stage's GX project (a dependency in dvc.yaml)
+    for name in ("great_expectations.yml", ".gitignore"):
+        shutil.copy(PROJECT / "gx" / name, path / "gx" / name)
     for label in ("daisy", "rose", "tulip"):
         (path / "photos" / label).mkdir(parents=True)
         for photo in sorted((FLOWERS / label).iterdir())[:PHOTOS_PER_CLASS]:

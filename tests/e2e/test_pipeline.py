@@ -24,7 +24,8 @@ SHARED = PROJECT.parent / "shared"
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 ".gitignore", "data/.gitkeep", "models/.gitkeep", "reports/.gitkeep"]
+                 ".gitignore", "data/.gitkeep", "models/.gitkeep", "reports/.gitkeep",
+                 "gx/great_expectations.yml", "gx/.gitignore"]
 CLASSES = {"daisy": 40, "rose": 30, "tulip": 36}  # small, real and imbalanced
 
 # small and fast, but every stage does its real work
