@@ -146,14 +146,16 @@ def group_ids(accepted: pd.DataFrame, max_distance: int) -> pd.Series:
     not depend on file names or on the order the source lists its files.
     """
     number = near_duplicates.groups(near_duplicates.parse(accepted["phash"]), max_distance)
-    ids = accepted["id"].to_numpy(dtype=str)
-    # Sorted by group, then id, the first row of each group holds its smallest id. (pandas'
-    # groupby min on strings runs a Python loop per group: 20x slower on 43,000 images.)
-    order = np.lexsort((ids, number))
+    # The ids as references to the frame's own strings (no copies): sorted by id, then (stable)
+    # by group, the first row of each group holds its smallest id. pandas' groupby min on
+    # strings runs a Python loop per group, 20x slower on 43,000 images.
+    ids = accepted["id"].to_numpy(dtype=object)
+    by_id = np.argsort(ids, kind="stable")
+    order = by_id[np.argsort(number[by_id], kind="stable")]
     groups = number[order]
     first = np.ones(len(groups), dtype=bool)
     first[1:] = groups[1:] != groups[:-1]
-    smallest = ids[order][first]
+    smallest = ids[order[first]]
     return pd.Series(smallest[np.searchsorted(groups[first], number)], index=accepted.index, dtype=accepted["id"].dtype)
 
 
