@@ -1,4 +1,4 @@
-"""What a decoded image looks like, in four numbers: sharpness, brightness, contrast, pHash.
+"""What a decoded image looks like: sharpness, brightness, contrast, and two perceptual hashes.
 
 Computed by `ingest` for every image it decodes (one image at a time, while streaming), so that
 `validate` can flag blurry, dark, washed-out or near-duplicate images without decoding again.
@@ -12,6 +12,10 @@ Computed by `ingest` for every image it decodes (one image at a time, while stre
 - phash: the 64-bit perceptual hash (DCT hash): the grey image resized to 32x32, its 8x8 lowest
   DCT frequencies, one bit per coefficient (above the median or not). Re-encoding, resizing or
   a slight colour change flips few bits; a different photo flips about half of them.
+- phash_mirror: the phash of the image mirrored left to right, without mirroring it: the DCT
+  of a mirror image is the same but for the sign of the odd horizontal frequencies. A flipped
+  copy (the most common augmentation, and so the most common leak of a test image into
+  train) has a phash close to the original's phash_mirror, which a DCT hash alone misses.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ class ImageFacts:
     brightness: float
     contrast: float
     phash: str  # 16 hex digits (64 bits)
+    phash_mirror: str  # the phash of the image mirrored left to right
 
     def as_row(self) -> dict:
         # two decimals: enough for thresholds, and the manifest stays readable and byte-stable
         return {"sharpness": round(self.sharpness, 2), "brightness": round(self.brightness, 2),
-                "contrast": round(self.contrast, 2), "phash": self.phash}
+                "contrast": round(self.contrast, 2), "phash": self.phash, "phash_mirror": self.phash_mirror}
 
 
 def grey8(image: np.ndarray) -> np.ndarray:
@@ -79,12 +84,26 @@ _LOW = _dct_rows(HASH_SIDE, 8)
 _LOW_T = np.ascontiguousarray(_LOW.T)
 
 
-def phash(grey: np.ndarray) -> str:
-    """The 64-bit DCT perceptual hash of an 8-bit grey image, as 16 hex digits."""
+# Mirroring left to right multiplies the DCT coefficient of horizontal frequency v by (-1)^v;
+# the 8x8 block is raveled row by row (vertical frequency u, then v).
+_MIRROR = np.tile(np.array([1, -1] * 4, dtype=np.float32), 8)
+
+
+def phashes(grey: np.ndarray) -> tuple[str, str]:
+    """The 64-bit DCT perceptual hash of an 8-bit grey image and of its mirror image, as 16 hex digits each."""
     shrinking = max(grey.shape) > HASH_SIDE
     small = cv2.resize(grey, (HASH_SIDE, HASH_SIDE),
                        interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     low = (_LOW @ small.astype(np.float32) @ _LOW_T).ravel()
+    return _bits(low), _bits(low * _MIRROR)
+
+
+def phash(grey: np.ndarray) -> str:
+    """The 64-bit DCT perceptual hash of an 8-bit grey image, as 16 hex digits."""
+    return phashes(grey)[0]
+
+
+def _bits(low: np.ndarray) -> str:
     ranked = np.sort(low)  # the median of 64 values, several times faster than np.median
     bits = low > (ranked[31] + ranked[32]) / 2
     return np.packbits(bits).tobytes().hex()
@@ -96,5 +115,6 @@ def facts(image: np.ndarray) -> ImageFacts:
     mean, std = cv2.meanStdDev(work)
     # 16-bit signed output: the 3x3 Laplacian of 8-bit pixels stays within +-1020
     _, edge_std = cv2.meanStdDev(cv2.Laplacian(work, cv2.CV_16S))
+    straight, mirrored = phashes(work)
     return ImageFacts(sharpness=float(edge_std[0, 0]) ** 2, brightness=float(mean[0, 0]),
-                      contrast=float(std[0, 0]), phash=phash(work))
+                      contrast=float(std[0, 0]), phash=straight, phash_mirror=mirrored)

@@ -3,10 +3,10 @@
 Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: per image):
 
     id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error,
-    sharpness, brightness, contrast, phash
+    sharpness, brightness, contrast, phash, phash_mirror
 
 `id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
-The last four columns describe the pixels (stages/image_facts.py); they are empty when the image
+The last five columns describe the pixels (stages/image_facts.py); they are empty when the image
 could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
 `validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
 processes (one per core by default) in listing order: memory does not grow with the dataset,
@@ -39,7 +39,7 @@ from stages.params import Params
 from stages.sources import Record, Source, SourceError, read_file
 
 COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
-           "error", "sharpness", "brightness", "contrast", "phash"]
+           "error", "sharpness", "brightness", "contrast", "phash", "phash_mirror"]
 # files per task sent to a worker: large enough that messaging costs little per image
 CHUNKSIZE = 256
 log = logging.getLogger(__name__)

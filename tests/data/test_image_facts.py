@@ -61,8 +61,10 @@ def test_phash_barely_moves_for_a_copy_and_far_for_another_photo(change):
 
 
 def test_facts_row_is_rounded_for_a_stable_manifest():
-    facts = image_facts.ImageFacts(sharpness=1 / 3, brightness=2 / 3, contrast=10.0, phash="00ff00ff00ff00ff")
-    assert facts.as_row() == {"sharpness": 0.33, "brightness": 0.67, "contrast": 10.0, "phash": "00ff00ff00ff00ff"}
+    facts = image_facts.ImageFacts(sharpness=1 / 3, brightness=2 / 3, contrast=10.0, phash="00ff00ff00ff00ff",
+                                   phash_mirror="ff00ff00ff00ff00")
+    assert facts.as_row() == {"sharpness": 0.33, "brightness": 0.67, "contrast": 10.0, "phash": "00ff00ff00ff00ff",
+                              "phash_mirror": "ff00ff00ff00ff00"}
 
 
 def test_phash_keeps_the_lowest_frequencies_of_opencvs_dct():
@@ -72,3 +74,11 @@ def test_phash_keeps_the_lowest_frequencies_of_opencvs_dct():
         low = cv2.dct(small)[:8, :8].ravel()
         expected = np.packbits(low > np.median(low)).tobytes().hex()
         assert image_facts.phash(grey) == expected
+
+
+def test_the_mirror_hash_is_the_hash_of_the_mirror_image():
+    for i in range(6):
+        image = cv2.imread(str(photo(i)))
+        facts, mirrored = image_facts.facts(image), image_facts.facts(cv2.flip(image, 1))
+        assert mirrored.phash == facts.phash_mirror and mirrored.phash_mirror == facts.phash
+        assert distance(facts.phash, facts.phash_mirror) > 8  # a photo is not its own mirror image

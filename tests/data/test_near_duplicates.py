@@ -61,3 +61,35 @@ def test_hundred_thousand_hashes_take_seconds():
 
 def test_parse_reads_the_manifest_column():
     assert nd.parse(["ffffffffffffffff", "0000000000000001"]).tolist() == [2**64 - 1, 1]
+
+
+def test_mirror_hashes_join_groups_as_brute_force_says():
+    rng = np.random.default_rng(7)
+    n, k = 300, 3
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    mirrors = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2)
+    # flipped copies: image i + 200 is image i mirrored (hash and mirror hash swapped), a few bits off
+    for i in range(40):
+        hashes[200 + i] = mirrors[i] ^ np.uint64(1 << int(rng.integers(64)))
+        mirrors[200 + i] = hashes[i]
+
+    def close(a, b):
+        return bin(int(a) ^ int(b)).count("1") <= k
+
+    # brute force: i ~ j when any of i's two hashes is within k of any of j's
+    parent = list(range(n))
+
+    def root(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for i, j in itertools.combinations(range(n), 2):
+        if any(close(a, b) for a in (hashes[i], mirrors[i]) for b in (hashes[j], mirrors[j])):
+            parent[max(root(i), root(j))] = min(root(i), root(j))
+    expected = [min(x for x in range(n) if root(x) == root(i)) for i in range(n)]
+    found = nd.groups(hashes, k, mirrors=mirrors).tolist()
+    assert found == expected
+    assert sum(g != i for i, g in enumerate(found)) >= 40  # every flipped copy found its original
+    # without the mirror hashes the flipped copies stay alone
+    assert nd.groups(hashes, k).tolist() == list(range(n))

@@ -32,7 +32,8 @@ def row(n: int, label: str = "cat", **fields) -> dict:
     """A good 28x28 grey PNG row with unremarkable facts; `fields` override any column."""
     return {"id": f"{n:040x}", "label": label, "path": f"{label}/{n}.png", "source_split": "", "format": "png",
             "width": "28", "height": "28", "channels": "1", "bit_depth": "8", "bytes": "300", "error": "",
-            "sharpness": "500.0", "brightness": "100.0", "contrast": "50.0", "phash": phash(n), **fields}
+            "sharpness": "500.0", "brightness": "100.0", "contrast": "50.0", "phash": phash(n),
+            "phash_mirror": phash(n + 10**6), **fields}
 
 
 def good(label: str, count: int, start: int) -> list[dict]:
@@ -186,6 +187,18 @@ def test_near_duplicates_are_grouped_under_their_smallest_id(tmp_path):
     # distance 0: only identical hashes
     zero = triage(tmp_path, rows, near_duplicate_distance=0)
     assert zero.groups[["group", "images"]].to_dict("records") == [{"group": f"{6:040x}", "images": 2}]
+
+
+def test_a_flipped_copy_joins_the_original_s_group(tmp_path):
+    # 2 is 1 mirrored (its hash is 1's mirror hash, and the other way round); 3 is a
+    # re-encoded copy of 2, one bit off its hash
+    rows = [row(1), row(2, phash=phash(10**6 + 1), phash_mirror=phash(1)),
+            row(3, phash=flip(phash(10**6 + 1), 5)), row(4)]
+    result = triage(tmp_path, rows, near_duplicate_distance=1)
+    assert dict(zip(result.accepted["id"].str[-1], result.accepted["group"].str[-1])) == {
+        "1": "1", "2": "1", "3": "1", "4": "4"}
+    zero = triage(tmp_path, rows, near_duplicate_distance=0)
+    assert zero.groups[["group", "images"]].to_dict("records") == [{"group": f"{1:040x}", "images": 2}]
 
 
 def test_class_imbalance_is_the_largest_class_over_each(tmp_path):
