@@ -124,15 +124,27 @@ def test_nightly_deployment_is_scheduled_and_serves_its_runs(client, serving):
     assert client.read_deployment(deployment.id).paused
 
 
-def interrupt(process: subprocess.Popen, attempts: int = 3) -> None:
-    """Ctrl-C, as a user stops `flows.deploy`, repeated as a user would: under load, a SIGINT that
-    arrives while the runner is still reaping a finished run's process can be swallowed (the
-    serve log then shows no "Received KeyboardInterrupt" at all)."""
-    for _ in range(attempts):
-        process.send_signal(signal.SIGINT)
+def interrupt(process: subprocess.Popen) -> None:
+    """Stop `flows.deploy` as a user would: Ctrl-C, again, then SIGTERM (Prefect's graceful stop).
+
+    In 2 of 3 full test runs (never alone) the served process let SIGINTs pass without a trace
+    in its log after serving a run; the cause is not found yet. The signal dispositions read
+    from /proc are in the message, should all three fail.
+    """
+    status = ""
+    for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+        process.send_signal(sig)
         try:
             process.wait(timeout=20)
             return
         except subprocess.TimeoutExpired:
-            continue
-    raise AssertionError(f"flows.deploy did not stop after {attempts} SIGINTs")
+            status = signal_status(process.pid)
+    raise AssertionError(f"flows.deploy did not stop on SIGINT, SIGINT, SIGTERM ({status})")
+
+
+def signal_status(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "no /proc status"
+    return "; ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
