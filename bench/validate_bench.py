@@ -21,7 +21,8 @@ enlarged to 512 px, shows how the ratio moves with the image size. For each, in 
 The machine is shared, so besides wall time each measurement records CPU time (its process and
 its workers, user + system): the CPU ratio is the cost per image, which other load does not
 change. Peak RSS is each process's own (ru_maxrss); for ingest also its largest worker's.
-Last, the near-duplicate search alone on 10^4 to 10^6 hashes, to show it grows like n, not n^2.
+Then ingest re-runs with the facts cache on the 10x set, each after adding 1% new files; last,
+the near-duplicate search alone on 10^4 to 10^6 hashes, to show it grows like n, not n^2.
 Prints one JSON object per measurement, then the markdown tables of bench/RESULTS.md.
 """
 
@@ -179,7 +180,8 @@ def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     workspace.write_params(folder, {
         "ingest.source": str(source), "paths.manifest": str(folder / "manifest.csv"),
-        "paths.accepted": str(folder / "accepted.csv"), "paths.data_quality": str(folder / "data_quality")})
+        "paths.accepted": str(folder / "accepted.csv"), "paths.data_quality": str(folder / "data_quality"),
+        "ingest.cache_dir": ""})  # every run a first run: the facts cache is measured apart
     workers = available_cores()
     measure("bare", str(source), str(workers))  # warm-up: the files in the page cache for both
     runs = []
@@ -191,6 +193,42 @@ def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
         runs.append({"bare": bare, "bare_grey": bare_grey, "ingest": ingest, "validate": validate})
         print(json.dumps({"data": name, **runs[-1]}), flush=True)
     return summarise(name, runs, workers)
+
+
+def add_new_photos(source: Path, count: int, quality: int) -> None:
+    """`count` new files in `source`: flower photos re-encoded at a quality no other copy has."""
+    import cv2
+
+    for photo in sorted(FLOWERS.glob("*/*.jpg"))[:count]:
+        data = cv2.imencode(".jpg", cv2.imread(str(photo)), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+        (source / photo.parent.name / f"{photo.stem}-new{quality}.jpg").write_bytes(data)
+
+
+def growth(source: Path, folder: Path, repeats: int) -> dict:
+    """Ingest re-runs with the facts cache: a first run fills it; each repeat adds 1% new files
+    (as a growing data set does between two `dvc repro`) and runs ingest again, next to a bare
+    decode of the whole set."""
+    from stages.ingest import available_cores
+
+    folder.mkdir(parents=True, exist_ok=True)
+    workspace.write_params(folder, {"ingest.source": str(source), "paths.manifest": str(folder / "manifest.csv"),
+                                    "ingest.cache_dir": str(folder / "cache")})
+    workers = available_cores()
+    first = measure("ingest", str(folder))
+    runs = []
+    for i in range(repeats):
+        images = len(list(source.glob("*/*.jpg")))
+        add_new_photos(source, images // 100, quality=51 + 2 * i)  # odd qualities: no copy the set holds
+        bare = measure("bare", str(source), str(workers))
+        again = measure("ingest", str(folder))
+        runs.append({"bare": bare, "ingest": again})
+        print(json.dumps({"growth": i, "first": first, **runs[-1]}), flush=True)
+    return {"images": runs[-1]["bare"]["images"], "first_s": round(first["seconds"], 2),
+            "rerun_s": round(statistics.median(r["ingest"]["seconds"] for r in runs), 2),
+            "bare_s": round(statistics.median(r["bare"]["seconds"] for r in runs), 2),
+            "first_over_rerun": round(statistics.median(first["seconds"] / r["ingest"]["seconds"] for r in runs), 1),
+            "bare_over_rerun": round(statistics.median(r["bare"]["seconds"] / r["ingest"]["seconds"] for r in runs), 1),
+            "rerun_cpu_us": round(statistics.median(r["ingest"]["cpu"] / r["bare"]["images"] for r in runs) * 1e6)}
 
 
 def summarise(name: str, runs: list[dict], workers: int) -> dict:
@@ -286,6 +324,8 @@ def main() -> None:
         rows = [bench("flowers (1x)", FLOWERS, Path(tmp) / "1x", args.repeats)] if "1x" in args.sets else []
         rows += [bench(name, folder, Path(tmp) / f"run-{i}", args.repeats)
                  for i, (name, (_, folder)) in enumerate(sets.items())]
+        # last: it adds files to the 10x set
+        grown = growth(sets["flowers altered (10x)"][1], Path(tmp) / "growth", args.repeats) if "10x" in args.sets else None
     for row in rows:
         print(json.dumps(row))
     print(table(rows))
@@ -293,6 +333,12 @@ def main() -> None:
         one, ten = rows[:2]
         for key in ("ingest_rss_mb", "ingest_worker_rss_mb", "validate_rss_mb"):
             print(f"{key}: 10x / 1x = {ten[key] / one[key]:.2f}")
+    if grown:
+        print(json.dumps(grown))
+        print("\n| images after +1% | first ingest (s) | re-run after +1% (s) | bare decode (s) | first / re-run | "
+              "bare / re-run | re-run CPU per image (us) |\n|---|---|---|---|---|---|---|")
+        print(f"| {grown['images']:,} | {grown['first_s']} | {grown['rerun_s']} | {grown['bare_s']} | "
+              f"{grown['first_over_rerun']} | {grown['bare_over_rerun']} | {grown['rerun_cpu_us']} |")
     print("\n| hashes | distance | masks (sorts) | seconds | groups |\n|---|---|---|---|---|")
     for r in near_duplicate_scaling():
         print(f"| {r['hashes']:,} | {r['distance']} | {r['masks']} | {r['seconds']} | {r['groups']:,} |")

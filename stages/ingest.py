@@ -12,7 +12,8 @@ could not be decoded. A file that cannot be decoded is still listed, with `error
 processes (one per core by default) in listing order: memory does not grow with the dataset,
 and the manifest's bytes do not depend on the number of workers. An image whose header claims
 more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
-the stage allocate gigabytes.
+the stage allocate gigabytes. With `ingest.cache_dir`, a re-run reads only the files that
+changed since the last one (stages/facts_cache.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TextIO
 import cv2
 from tqdm import tqdm
 
-from stages import image_facts, imagefile
+from stages import facts_cache, image_facts, imagefile
 from stages.atomic import atomic_path
 from stages.cli import StageError, stage_main
 from stages.params import Params
@@ -42,6 +43,10 @@ COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "
            "error", "sharpness", "brightness", "contrast", "phash", "phash_mirror"]
 # files per task sent to a worker: large enough that messaging costs little per image
 CHUNKSIZE = 256
+# the columns that depend on a file's bytes only: what the facts cache keeps
+RECORD_COLUMNS = ["label", "path", "source_split"]
+BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
+assert COLUMNS[1:4] == RECORD_COLUMNS  # describe_files puts them back after the id
 log = logging.getLogger(__name__)
 
 
@@ -82,23 +87,56 @@ def file_row(record: Record, root: str, max_pixels: int) -> dict:
     return describe(record, data, max_pixels)
 
 
-def ingest(source: Source, out: TextIO, max_pixels: int, workers: int) -> int:
-    """Write the manifest (header, then one row per input, in listing order) to `out`; returns the rows."""
+def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
+           cache: facts_cache.FactsCache | None = None) -> int:
+    """Write the manifest (header, then one row per input, in listing order) to `out`; returns the rows.
+
+    With a `cache`, a file it knows (same path, inode, size and time) is not read again.
+    """
     csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
     batches = _batched(source.records(), CHUNKSIZE)
     if source.layout == "idx":
-        return write_lines(map(functools.partial(_lines, lambda r: describe_pixels(r, source.read_idx_pixels(r.path))),
-                               batches), out)
-    work = functools.partial(_lines, functools.partial(file_row, root=str(source.root), max_pixels=max_pixels))
+        rows = ([[row.get(c) for c in COLUMNS] for row in (describe_pixels(r, source.read_idx_pixels(r.path))
+                                                            for r in batch)] for batch in batches)
+        return write_lines(((_csv(batch_rows), len(batch_rows), []) for batch_rows in rows), out)
+    root = str(source.root)
+    work = functools.partial(describe_files, root=root, max_pixels=max_pixels)
+    tasks = (_look_up(batch, root, max_pixels, cache) for batch in batches)
     if workers == 1:
-        return write_lines(map(work, batches), out)
+        return write_lines(map(work, tasks), out, cache)
     # Forked workers start in milliseconds; ingest never imports TensorFlow, whose threads do not
     # survive a fork. `imap` returns the batches in listing order, so the manifest's bytes do not
     # depend on the number of workers, and it reads the listing only as fast as the workers need
     # it (the pipe to them is bounded), so memory stays flat. Each worker sends back the CSV text
     # of a batch, not its rows: the main process, which shares the cores, then only writes it.
     with _single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
-        return write_lines(pool.imap(work, batches), out)
+        return write_lines(pool.imap(work, tasks), out, cache)
+
+
+# one file of a task: its record, its key in the facts cache (None: not to be cached) and the
+# values the cache holds for it, in BYTE_COLUMNS order (None: not cached)
+Task = tuple[Record, str | None, list | None]
+
+
+def _look_up(records: list[Record], root: str, max_pixels: int, cache: facts_cache.FactsCache | None) -> list[Task]:
+    if cache is None:
+        return [(record, None, None) for record in records]
+    keys = [None if r.problem else facts_cache.file_key(os.path.join(root, r.path), max_pixels) for r in records]
+    return list(zip(records, keys, cache.get(keys)))
+
+
+def describe_files(tasks: list[Task], root: str, max_pixels: int) -> tuple[str, int, list[tuple[str, list]]]:
+    """The manifest rows of a batch of files as CSV text, their number, and the cache entries of the files read."""
+    rows, fresh = [], []
+    for record, key, cached in tasks:
+        if cached is None:
+            row = file_row(record, root, max_pixels)
+            cached = [row.get(c) for c in BYTE_COLUMNS]
+            if key is not None and "id" in row:  # read and described: the same bytes give the same row
+                fresh.append((key, cached))
+        # the manifest's column order: id, then what the record says, then what the bytes say
+        rows.append([cached[0], record.label, record.path, record.source_split, *cached[1:]])
+    return _csv(rows), len(rows), fresh
 
 
 def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -107,13 +145,11 @@ def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def _lines(describe: Callable[[Record], dict], records: list[Record]) -> tuple[str, int]:
-    """The manifest rows of a batch of records, as CSV text, and how many there are."""
+def _csv(rows: Iterable[list]) -> str:
+    """Manifest rows (lists in COLUMNS order; None is an empty field) as CSV text."""
     text = io.StringIO()
-    # the rows are built here with known keys: no need for the writer to check each for strays
-    csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore").writerows(
-        map(describe, records))
-    return text.getvalue(), len(records)
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
 
 
 @contextlib.contextmanager
@@ -131,13 +167,17 @@ def _single_threaded_opencv():
         cv2.setNumThreads(threads)
 
 
-def write_lines(batches: Iterable[tuple[str, int]], out: TextIO) -> int:
+def write_lines(batches: Iterable[tuple[str, int, list]], out: TextIO,
+                cache: facts_cache.FactsCache | None = None) -> int:
+    """Write each batch's CSV text to `out` and its new entries to the cache; returns the rows written."""
     count = 0
     with tqdm(desc="ingest", unit="img", mininterval=2, disable=None) as progress:
-        for text, rows in batches:
+        for text, rows, fresh in batches:
             out.write(text)
             count += rows
             progress.update(rows)
+            if cache is not None:
+                cache.put(fresh)
     return count
 
 
@@ -148,13 +188,16 @@ def run(params: Params) -> None:
             # IDX images are raw pixels, nothing to decode: too little work to share out
             workers = 1 if source.layout == "idx" else p.workers or available_cores()
             log.info("reading %s (layout: %s, %d worker processes)", p.source, source.layout, workers)
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
-                count = ingest(source, fh, p.max_pixels, workers)
+            # IDX images are not worth caching: reading them is a slice of memory
+            cache = facts_cache.FactsCache(p.cache_dir) if p.cache_dir and source.layout != "idx" else None
+            with open(tmp, "w", newline="", encoding="utf-8") as fh, cache or contextlib.nullcontext():
+                count = ingest(source, fh, p.max_pixels, workers, cache)
             if count == 0:
                 raise StageError(f"ingest.source {p.source} holds no files")
     except SourceError as exc:
         raise StageError(str(exc)) from None
-    log.info("%d inputs listed in %s", count, params.paths.manifest)
+    reused = f"; {cache.hits} unchanged files not read again ({p.cache_dir})" if cache else ""
+    log.info("%d inputs listed in %s%s", count, params.paths.manifest, reused)
 
 
 def available_cores() -> int:

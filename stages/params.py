@@ -44,6 +44,8 @@ class Ingest:
     labels_csv: str = "labels.csv"
     max_pixels: int = 100_000_000
     workers: int = 0
+    # off unless params.yaml sets it: a test or benchmark run keeps no state between runs
+    cache_dir: str = ""
 
     def check(self) -> None:
         _one_of("ingest.layout", self.layout, ("auto", "folders", "csv", "idx"))

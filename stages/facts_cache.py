@@ -1,0 +1,81 @@
+"""What ingest learnt about each file, kept between runs: a re-run decodes only the changed files.
+
+DVC re-runs ingest whenever the raw folder changes, so a data set that grows by 1% would have
+every image read, hashed and decoded again. This cache keeps each file's manifest columns
+(everything but label, path and split) under the file's identity as the file system states it,
+the way DVC's own state database and git's index skip unchanged files: (path, inode, size,
+modification time in ns), plus what else decides the row (`max_pixels`, VERSION). A file
+rewritten in place gets a new modification time, so it is read again; a hit costs one `stat`.
+
+The cache is a SQLite file (`ingest.cache_dir`/facts.sqlite, outside git and DVC's outputs),
+used by the main process only (the workers never touch it, so forking needs no care), from two
+of its threads (the pool's task feeder looks up, the main thread stores): one connection behind
+a lock, one transaction per batch. It never changes the manifest: a row from the cache is the
+row the file would get now. Delete the folder at will; only time is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+# bump when what ingest writes for the same bytes changes (a new column, other facts): old
+# entries then no longer match
+VERSION = 1
+FILE = "facts.sqlite"
+
+
+def file_key(path: str, max_pixels: int) -> str | None:
+    """The file's identity for the cache; None when it cannot be stat'ed (ingest will say why)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return f"{VERSION}|{max_pixels}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|{os.path.abspath(path)}"
+
+
+class FactsCache:
+    def __init__(self, folder: str | Path):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        # `put` commits once per batch: a killed run loses at most one batch
+        self._db = sqlite3.connect(Path(folder) / FILE, check_same_thread=False)
+        # a cache: no waiting for the disk at each commit (an entry lost to a power cut is only
+        # time lost), and readers never wait for the writer
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS facts (key TEXT PRIMARY KEY, row TEXT NOT NULL)")
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, keys: list[str | None]) -> list[list | None]:
+        """The cached values of each key, in order (None: not cached)."""
+        wanted = [k for k in keys if k is not None]
+        found: dict[str, list] = {}
+        with self._lock:
+            # SQLite takes at most 32766 parameters in one statement; a batch is far smaller
+            for start in range(0, len(wanted), 10_000):
+                chunk = wanted[start:start + 10_000]
+                marks = ",".join("?" * len(chunk))
+                for key, row in self._db.execute(f"SELECT key, row FROM facts WHERE key IN ({marks})", chunk):
+                    found[key] = json.loads(row)
+            self.hits += len(found)
+        return [found.get(k) if k is not None else None for k in keys]
+
+    def put(self, entries: list[tuple[str, list]]) -> None:
+        if entries:
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?)",
+                                     [(key, json.dumps(row)) for key, row in entries])
+                self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
