@@ -4,8 +4,9 @@ DVC re-runs ingest whenever the raw folder changes, so a data set that grows by 
 every image read, hashed and decoded again. This cache keeps each file's manifest columns
 (everything but label, path and split) under the file's identity as the file system states it,
 the way DVC's own state database and git's index skip unchanged files: (path, inode, size,
-modification time in ns), plus what else decides the row (`max_pixels`, VERSION). A file
-rewritten in place gets a new modification time, so it is read again; a hit costs one `stat`.
+modification time in ns), plus what else decides the row (`max_pixels`, and a hash of the code
+that describes files and of OpenCV's version). A file rewritten in place gets a new
+modification time, so it is read again; a hit costs one `stat`.
 
 The cache is a SQLite file (`ingest.cache_dir`/facts.sqlite, outside git and DVC's outputs),
 used by the main process only (the workers never touch it, so forking needs no care), from two
@@ -16,16 +17,30 @@ row the file would get now. Delete the folder at will; only time is lost.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import threading
 from pathlib import Path
 
-# bump when what ingest writes for the same bytes changes (a new column, other facts): old
-# entries then no longer match
-VERSION = 1
+import cv2
+
 FILE = "facts.sqlite"
+# the modules that turn a file's bytes into its manifest columns
+CODE = ("ingest.py", "imagefile.py", "image_facts.py")
+
+
+def code_version() -> str:
+    """What decides a file's row besides its bytes: that code and OpenCV's version. A change to
+    either gives every key another prefix, so no entry of the old code is ever used."""
+    digest = hashlib.sha1(cv2.__version__.encode())
+    for name in CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+VERSION = code_version()
 
 
 def file_key(path: str, max_pixels: int) -> str | None:

@@ -96,9 +96,11 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
     csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
     batches = _batched(source.records(), CHUNKSIZE)
     if source.layout == "idx":
-        rows = ([[row.get(c) for c in COLUMNS] for row in (describe_pixels(r, source.read_idx_pixels(r.path))
-                                                            for r in batch)] for batch in batches)
-        return write_lines(((_csv(batch_rows), len(batch_rows), []) for batch_rows in rows), out)
+        def idx_lines(batch: list[Record]) -> tuple[str, int, list]:
+            rows = [describe_pixels(r, source.read_idx_pixels(r.path)) for r in batch]
+            return _csv([row.get(c) for c in COLUMNS] for row in rows), len(rows), []
+
+        return write_lines(map(idx_lines, batches), out)
     root = str(source.root)
     work = functools.partial(describe_files, root=root, max_pixels=max_pixels)
     tasks = (_look_up(batch, root, max_pixels, cache) for batch in batches)

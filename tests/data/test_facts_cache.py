@@ -89,3 +89,14 @@ def test_workers_share_one_cache_and_it_can_be_deleted(tmp_path, source):
     assert run(tmp_path, source, cache, workers=2) == cold
     shutil.rmtree(cache)
     assert run(tmp_path, source, cache, workers=2) == cold
+
+
+def test_a_change_to_the_describing_code_changes_every_key(tmp_path, monkeypatch):
+    photo = str(next(FLOWERS.glob("daisy/*.jpg")))
+    assert facts_cache.file_key(photo, 100).startswith(facts_cache.VERSION + "|")
+    code = tmp_path / "image_facts.py"
+    code.write_text("FACTS_SIDE = 256\n")
+    monkeypatch.setattr(facts_cache, "CODE", (str(code),))  # an absolute name: read from there
+    before = facts_cache.code_version()
+    code.write_text("FACTS_SIDE = 128\n")
+    assert facts_cache.code_version() != before
