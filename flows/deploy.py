@@ -5,15 +5,20 @@
 
 registers the deployment `pipeline/<name>` with the Prefect server that PREFECT_API_URL names,
 with its schedule and parameters, then runs its flow runs (scheduled, or started from the UI or
-with `prefect deployment run pipeline/<name>`) until stopped. Stopping it pauses the schedule, so
-that no runs pile up for a server that nobody serves.
+with `prefect deployment run pipeline/<name>`) until stopped. Stopping it (Ctrl-C, or SIGTERM
+as a service manager sends) pauses the schedule, so that no runs pile up for a server that
+nobody serves.
 
 `flow.serve` needs no work pool and no worker: the flow's code is on this machine already.
 """
 
 import argparse
+import logging
+import signal
+import sys
 from pathlib import Path
 
+from prefect import get_client
 from prefect.schedules import Cron, Schedule
 
 from flows.pipeline import pipeline
@@ -25,6 +30,7 @@ TIMEZONE = "UTC"
 # A nightly run has nobody watching it: retry a failed stage twice, after 1 then 2 minutes.
 RETRIES = 2
 RETRY_DELAY_SECONDS = 60.0
+log = logging.getLogger(__name__)
 
 
 def schedule(cron: str = CRON, timezone: str = TIMEZONE) -> Schedule:
@@ -65,11 +71,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (Path(args.repo) / "dvc.yaml").is_file():
         parser.error(f"{args.repo}: no dvc.yaml here; --repo must be the pipeline's repository")
-    pipeline.serve(
-        name=args.name,
-        schedule=schedule(args.cron, args.timezone),
-        parameters=parameters(args.repo, args.retries, args.retry_delay),
-    )
+    # SIGTERM before Prefect's runner has set its own handler would end the process on the spot;
+    # as an exception it goes through the `finally` below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        pipeline.serve(
+            name=args.name,
+            schedule=schedule(args.cron, args.timezone),
+            parameters=parameters(args.repo, args.retries, args.retry_delay),
+        )
+    finally:
+        # Prefect pauses the schedule on Ctrl-C only; its SIGTERM handler exits without it
+        pause(f"{pipeline.name}/{args.name}")
+
+
+def pause(deployment: str) -> None:
+    """Pause the deployment's schedule (again, if Prefect did): nobody serves its runs any more."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.pause_deployment(client.read_deployment_by_name(deployment).id)
+    except Exception as exc:  # on the way out: say why, do not hide the error that ended serving
+        log.warning("could not pause the schedule of %s: %s", deployment, exc)
 
 
 if __name__ == "__main__":
