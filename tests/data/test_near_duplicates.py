@@ -1,7 +1,6 @@
 """Near-duplicate groups by perceptual-hash distance: exact against brute force, and fast."""
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -50,13 +49,12 @@ def test_groups_chain_and_are_numbered_by_first_member():
     assert nd.groups(hashes, 0).tolist() == [0, 1, 2, 3, 3, 5]
 
 
-def test_hundred_thousand_hashes_take_seconds():
+def test_hundred_thousand_hashes_each_copy_finds_its_original():
+    # how the time grows with n is measured by bench/validate_bench.py (near-duplicate search)
     hashes = hashes_with_near_copies(90_000, 10_000, 4)
-    started = time.perf_counter()
     groups = nd.groups(hashes, 4)
-    elapsed = time.perf_counter() - started
-    assert len(np.unique(groups)) == 90_000  # each copy joined its original
-    assert elapsed < 10, f"{elapsed:.1f} s"  # about 0.4 s on 2 cores; brute force: 5 * 10^9 pairs
+    assert len(np.unique(groups)) == 90_000  # brute force would compare 5 * 10^9 pairs
+    assert (groups[90_000:] < 90_000).all()  # every copy is in the group of an original
 
 
 def test_parse_reads_the_manifest_column():
