@@ -51,13 +51,20 @@ def serving(prefect_api, tmp_path):
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
     }
     log = open(tmp_path / "serve.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy", "--repo", str(repo)],
-        cwd=PROJECT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    # A shell starts a background job (`make test &`, nohup) with SIGINT ignored, and a child
+    # inherits an ignored signal: the served process would then ignore Ctrl-C for good. Start
+    # it as from a terminal, whatever started the tests: a handled signal is reset on exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy", "--repo", str(repo)],
+            cwd=PROJECT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         yield repo, process
     finally:
@@ -120,34 +127,9 @@ def test_nightly_deployment_is_scheduled_and_serves_its_runs(client, serving):
     assert (repo / "hello.txt").read_text() == "hello night\n"
 
     # stopping the process pauses the schedule: no runs pile up for a server nobody serves
-    interrupt(process)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
     assert client.read_deployment(deployment.id).paused
-
-
-def interrupt(process: subprocess.Popen) -> None:
-    """Stop `flows.deploy` as a user would: Ctrl-C, again, then SIGTERM (which pauses the schedule too).
-
-    In 2 of 3 full test runs on a loaded machine (never alone) the served process let SIGINTs
-    pass without a trace in its log after serving a run; the cause is not found yet. The signal
-    dispositions read from /proc are in the message, should all three fail.
-    """
-    status = ""
-    for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            status = signal_status(process.pid)
-    raise AssertionError(f"flows.deploy did not stop on SIGINT, SIGINT, SIGTERM ({status})")
-
-
-def signal_status(pid: int) -> str:
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return "no /proc status"
-    return "; ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def test_sigterm_pauses_the_schedule_too(client, serving):
