@@ -221,10 +221,6 @@ def load_model(model_path: Path, meta: dict) -> keras.Model:
         raise StageError(f"{model_path}: model not found; run the train stage first")
     # Safe mode (a model that would run Python code is refused), except for a TF Hub backbone:
     # paths.model is this pipeline's own train stage's output, so its SavedModel is trusted.
-    savedmodels = model_io.savedmodel_paths(model_path)
-    if savedmodels:
-        log.info("loading %s with safe_mode=False: its TF Hub backbone is a SavedModel layer (%s), made by the "
-                 "train stage", model_path, ", ".join(savedmodels))
     model = model_io.load(model_path, trust=True)
     expected = (meta["height"], meta["width"], meta["channels"])
     if tuple(model.input_shape[1:]) != expected or model.output_shape[-1] != len(meta["classes"]):

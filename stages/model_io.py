@@ -17,6 +17,7 @@ model loads only where that folder is. It is checked first, for an error naming 
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import stages.model  # noqa: F401  (registers the custom layers a trained model 
 from stages.cli import StageError
 
 CONFIG = "config.json"
+log = logging.getLogger(__name__)
 SAVEDMODEL_LAYER = "TFSMLayer"
 # What else safe mode guards against in a config: Python code (a Lambda layer, a serialised lambda)
 PYTHON_CODE = ("Lambda", "__lambda__")
@@ -92,4 +94,6 @@ def load(path: str | Path, trust: bool = False) -> keras.Model:
                     f"{path}: its TF Hub backbone, the SavedModel {folder}, is not there (moved or deleted?); the "
                     "model file holds only that path: put the SavedModel back there, or re-run train"
                 )
+        log.info("loading %s with safe_mode=False: its TF Hub backbone is a SavedModel layer (%s), trusted by "
+                 "the caller", path, ", ".join(savedmodels))
     return keras.saving.load_model(path, compile=False, safe_mode=not savedmodels)

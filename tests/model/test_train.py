@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from stages import train
-from tests.model.test_train_evaluate import ROOT, make_params, write_rebalance, write_shards
+from tests.model.test_train_evaluate import ROOT, make_params, shard_data
 
 # MNIST 0, 1 and 7: few images, so that each run takes seconds
 PER_CLASS = {"train": 30, "val": 10, "test": 0}
@@ -26,10 +26,7 @@ PER_CLASS = {"train": 30, "val": 10, "test": 0}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    written = write_shards(folder / "shards", PER_CLASS)
-    write_rebalance(folder / "rebalance", written["train"])
-    return folder, written
+    return shard_data(tmp_path_factory, PER_CLASS)
 
 
 def params_for(data, out: Path, **train_params):

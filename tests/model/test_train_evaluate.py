@@ -100,12 +100,17 @@ def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_
     )
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def shard_data(tmp_path_factory, per_class: dict) -> tuple[Path, dict]:
+    """A folder with shards of `per_class` images per split and their rebalance plan; (folder, written)."""
     folder = tmp_path_factory.mktemp("data")
-    written = write_shards(folder / "shards", PER_CLASS)
+    written = write_shards(folder / "shards", per_class)
     write_rebalance(folder / "rebalance", written["train"])
     return folder, written
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shard_data(tmp_path_factory, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
