@@ -23,7 +23,7 @@ from PIL import Image
 from stages import ingest, validate
 from stages.cli import StageError
 from stages.params import ParamsError, params_from_dict
-from stages.sources import Record, Source
+from stages.sources import Source
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -272,7 +272,7 @@ def test_idx_pairs_with_class_names_and_source_split(tmp_path):
     assert (first.format, int(first.width), int(first.height), int(first.channels)) == ("idx", 28, 28, 1)
     # raw pixels get the same facts as a decoded image of them
     png = cv2.imencode(".png", pixels[0])[1].tobytes()
-    decoded = ingest.describe(Record("x.png", "", ""), png, max_pixels=10**6)
+    decoded = dict(zip(ingest.BYTE_COLUMNS, ingest.describe(png, max_pixels=10**6)))
     assert first.phash == decoded["phash"] and float(first.sharpness) == decoded["sharpness"]
 
 

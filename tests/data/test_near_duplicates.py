@@ -1,8 +1,10 @@
 """Near-duplicate groups by perceptual-hash distance: exact against brute force, and fast."""
 
 import itertools
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from stages import near_duplicates as nd
@@ -59,6 +61,15 @@ def test_hundred_thousand_hashes_each_copy_finds_its_original():
 
 def test_parse_reads_the_manifest_column():
     assert nd.parse(["ffffffffffffffff", "0000000000000001"]).tolist() == [2**64 - 1, 1]
+    values = hashes_with_near_copies(1000, 0, 0)
+    column = pd.Series([f"{int(v):016x}" for v in values])
+    assert np.array_equal(nd.parse(column), values) and nd.parse([]).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", ["abc", "0" * 17, "000000000000000g", "0x00000000000000", "00 0000000000000", None])
+def test_parse_names_a_value_that_is_not_a_hash(bad):
+    with pytest.raises(ValueError, match=f"not a 64-bit hash in 16 hex digits: {re.escape(repr(bad))}"):
+        nd.parse(["0123456789abcdef", bad] * 8)
 
 
 def test_mirror_hashes_join_groups_as_brute_force_says():
