@@ -6,7 +6,9 @@ every image read, hashed and decoded again. This cache keeps each file's manifes
 the way DVC's own state database and git's index skip unchanged files: (path, inode, size,
 modification time in ns), plus what else decides the row (`max_pixels`, and a hash of the code
 that describes files and of OpenCV's version). A file rewritten in place gets a new
-modification time, so it is read again; a hit costs one `stat`.
+modification time, so it is read again; a hit costs one `stat`. The first run of changed code
+deletes the entries the old code made, so the cache holds about one row per file, not one per
+file and code version. Entries of files deleted since are kept (~200 bytes each).
 
 The cache is a SQLite file (`ingest.cache_dir`/facts.sqlite, outside git and DVC's outputs),
 used by the main process only (the workers never touch it, so forking needs no care), from two
@@ -62,8 +64,24 @@ class FactsCache:
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS facts (key TEXT PRIMARY KEY, row TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.dropped = self._drop_other_versions()
         self._lock = threading.Lock()
         self.hits = 0
+
+    def _drop_other_versions(self) -> int:
+        """Delete the entries other code made: their keys start with another version, so they could
+        never be used again, and each change to the describing code would otherwise leave a full
+        copy of the data set's rows behind. Checked once, when the version differs from the last
+        run's; returns the entries deleted."""
+        last = self._db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+        if last and last[0] == VERSION:
+            return 0
+        with self._db:  # one transaction
+            dropped = self._db.execute("DELETE FROM facts WHERE substr(key, 1, ?) != ?",
+                                       (len(VERSION) + 1, VERSION + "|")).rowcount
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (VERSION,))
+        return dropped
 
     def get(self, keys: list[str | None]) -> list[list | None]:
         """The cached values of each key, in order (None: not cached)."""

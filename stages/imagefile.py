@@ -173,7 +173,7 @@ def _imdecode(data: bytes, fmt: str, flags: int) -> Decoded:
 class Looked(NamedTuple):
     """One file as ingest records it: the image's layout as `decode` gives it, and pixels to describe.
 
-    A named tuple, not a dataclass: ingest makes one per image, and it is built 3x faster.
+    A named tuple, not a dataclass: ingest makes one per image, and a tuple is cheaper to build.
     """
     format: str  # from the magic bytes (detect_format)
     shape: tuple[int, int, int, int] | None  # (width, height, channels, bit depth); None if not decoded

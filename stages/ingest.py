@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 def describe(data: bytes, max_pixels: int) -> list:
     """What the bytes of one image file say, in BYTE_COLUMNS order: pure, the same bytes give the same values.
 
-    A list, not a dict: this runs once per image, and at 128 px the row's Python bookkeeping
-    costs as much as a tenth of the decode.
+    A list in column order, not a dict: it runs once per image, and the CSV writer and the facts
+    cache both take the values in that order.
     """
     looked = imagefile.look(data, max_pixels, image_facts.FACTS_SIDE)
     if looked.shape is None:
@@ -197,6 +197,8 @@ def run(params: Params) -> None:
             log.info("reading %s (layout: %s, %d worker processes)", p.source, source.layout, workers)
             # IDX images are not worth caching: reading them is a slice of memory
             cache = facts_cache.FactsCache(p.cache_dir) if p.cache_dir and source.layout != "idx" else None
+            if cache and cache.dropped:
+                log.info("facts cache: %d entries made by an earlier version of the code deleted", cache.dropped)
             with open(tmp, "w", newline="", encoding="utf-8") as fh, cache or contextlib.nullcontext():
                 count = ingest(source, fh, p.max_pixels, workers, cache)
             if count == 0:

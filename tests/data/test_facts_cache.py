@@ -1,7 +1,9 @@
 """The facts cache: a re-run of ingest reads only the files that changed, and writes the same manifest."""
 
+import contextlib
 import logging
 import shutil
+import sqlite3
 
 import pytest
 
@@ -100,3 +102,22 @@ def test_a_change_to_the_describing_code_changes_every_key(tmp_path, monkeypatch
     before = facts_cache.code_version()
     code.write_text("FACTS_SIDE = 128\n")
     assert facts_cache.code_version() != before
+
+
+def test_entries_of_other_code_are_deleted_once(tmp_path, source, monkeypatch, caplog):
+    run(tmp_path, source, tmp_path / "cache")
+    database = tmp_path / "cache" / facts_cache.FILE
+
+    def entries() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute("SELECT COUNT(*) FROM facts").fetchone()[0]
+
+    assert entries() == 26
+    monkeypatch.setattr(facts_cache, "VERSION", "0123456789ab")  # as after a change to the describing code
+    with caplog.at_level(logging.INFO, logger="stages.ingest"):
+        run(tmp_path, source, tmp_path / "cache")
+    # the old version's 26 rows are gone, the new version's 26 are in: the cache does not grow
+    assert entries() == 26 and "26 entries made by an earlier version of the code deleted" in caplog.text
+    with facts_cache.FactsCache(tmp_path / "cache") as cache:
+        assert cache.dropped == 0  # same version as the last run: nothing to delete, nothing scanned
+
