@@ -51,7 +51,9 @@ def file_key(path: str, max_pixels: int) -> str | None:
         info = os.stat(path)
     except OSError:
         return None
-    return f"{VERSION}|{max_pixels}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|{os.path.abspath(path)}"
+    # os.path.abspath only when needed: it costs as much as the stat
+    absolute = path if os.path.isabs(path) else os.path.abspath(path)
+    return f"{VERSION}|{max_pixels}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|{absolute}"
 
 
 class FactsCache:

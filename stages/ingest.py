@@ -130,7 +130,8 @@ Task = tuple[Record, str | None, list | None]
 def _look_up(records: list[Record], root: str, max_pixels: int, cache: facts_cache.FactsCache | None) -> list[Task]:
     if cache is None:
         return [(record, None, None) for record in records]
-    keys = [None if r.problem else facts_cache.file_key(os.path.join(root, r.path), max_pixels) for r in records]
+    base = os.path.abspath(root)  # once per batch: the keys hold absolute paths
+    keys = [None if r.problem else facts_cache.file_key(os.path.join(base, r.path), max_pixels) for r in records]
     return list(zip(records, keys, cache.get(keys)))
 
 
