@@ -28,6 +28,16 @@ def test_blur_lowers_sharpness():
     assert blurred < sharp / 2
 
 
+def test_sharpness_is_the_variance_of_the_laplacian():
+    """The sum-and-squares shortcut gives numpy's variance of OpenCV's Laplacian, in doubles."""
+    for i in range(8):
+        grey = cv2.cvtColor(cv2.imread(str(photo(i))), cv2.COLOR_BGR2GRAY)
+        expected = cv2.Laplacian(grey, cv2.CV_64F).var()
+        assert image_facts.laplacian_variance(grey) == pytest.approx(expected, rel=1e-12)
+    ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (64, 1))  # straight ramp: no curvature inside
+    assert image_facts.laplacian_variance(ramp) == pytest.approx(cv2.Laplacian(ramp, cv2.CV_64F).var(), rel=1e-12)
+
+
 def test_sixteen_bits_and_alpha_give_the_same_facts_as_eight_bit_grey():
     grey = cv2.cvtColor(cv2.imread(str(photo(1))), cv2.COLOR_BGR2GRAY)
     expected = image_facts.facts(grey)
