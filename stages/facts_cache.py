@@ -10,11 +10,13 @@ modification time, so it is read again; a hit costs one `stat`. The first run of
 deletes the entries the old code made, so the cache holds about one row per file, not one per
 file and code version. Entries of files deleted since are kept (~200 bytes each).
 
-The cache is a SQLite file (`ingest.cache_dir`/facts.sqlite, outside git and DVC's outputs),
-used by the main process only (the workers never touch it, so forking needs no care), from two
-of its threads (the pool's task feeder looks up, the main thread stores): one connection behind
-a lock, one transaction per batch. It never changes the manifest: a row from the cache is the
-row the file would get now. Delete the folder at will; only time is lost.
+The cache is a SQLite file (`ingest.cache_dir`/facts.sqlite, outside git and DVC's outputs) in
+WAL mode, so readers and the writer never wait for each other. The worker processes look files
+up, each through a `Reader` it opens itself after the fork (a connection never crosses a fork),
+and encode the rows of the files they read; the main process is the only writer (`FactsCache`,
+one transaction per batch). The look-ups thus run in parallel, and the main process, which
+shares the cores with the workers, only stores. The cache never changes the manifest: a row from
+the cache is the row the file would get now. Delete the folder at will; only time is lost.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import threading
 from pathlib import Path
 
 import cv2
@@ -57,10 +58,13 @@ def file_key(path: str, max_pixels: int) -> str | None:
 
 
 class FactsCache:
+    """The writer: creates the database, drops other code's entries, stores new ones."""
+
     def __init__(self, folder: str | Path):
         Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(folder)
         # `put` commits once per batch: a killed run loses at most one batch
-        self._db = sqlite3.connect(Path(folder) / FILE, check_same_thread=False)
+        self._db = sqlite3.connect(self.folder / FILE)
         # a cache: no waiting for the disk at each commit (an entry lost to a power cut is only
         # time lost), and readers never wait for the writer
         self._db.execute("PRAGMA synchronous = OFF")
@@ -68,8 +72,7 @@ class FactsCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS facts (key TEXT PRIMARY KEY, row TEXT NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self.dropped = self._drop_other_versions()
-        self._lock = threading.Lock()
-        self.hits = 0
+        self.hits = 0  # files not read again, as the readers report them
 
     def _drop_other_versions(self) -> int:
         """Delete the entries other code made: their keys start with another version, so they could
@@ -85,26 +88,11 @@ class FactsCache:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (VERSION,))
         return dropped
 
-    def get(self, keys: list[str | None]) -> list[list | None]:
-        """The cached values of each key, in order (None: not cached)."""
-        wanted = [k for k in keys if k is not None]
-        found: dict[str, list] = {}
-        with self._lock:
-            # SQLite takes at most 32766 parameters in one statement; a batch is far smaller
-            for start in range(0, len(wanted), 10_000):
-                chunk = wanted[start:start + 10_000]
-                marks = ",".join("?" * len(chunk))
-                for key, row in self._db.execute(f"SELECT key, row FROM facts WHERE key IN ({marks})", chunk):
-                    found[key] = json.loads(row)
-            self.hits += len(found)
-        return [found.get(k) if k is not None else None for k in keys]
-
-    def put(self, entries: list[tuple[str, list]]) -> None:
+    def put(self, entries: list[tuple[str, str]]) -> None:
+        """Store (key, encoded row) pairs, in one transaction."""
         if entries:
-            with self._lock:
-                self._db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?)",
-                                     [(key, json.dumps(row)) for key, row in entries])
-                self._db.commit()
+            self._db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?)", entries)
+            self._db.commit()
 
     def close(self) -> None:
         self._db.close()
@@ -114,3 +102,31 @@ class FactsCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Reader:
+    """A read-only view of the cache, for one process (a worker opens its own after the fork)."""
+
+    def __init__(self, folder: str | Path):
+        self._db = sqlite3.connect(Path(folder) / FILE)
+
+    def get(self, keys: list[str | None]) -> list[list | None]:
+        """The cached values of each key, in order (None: not cached)."""
+        wanted = [k for k in keys if k is not None]
+        found: dict[str, list] = {}
+        # SQLite takes at most 32766 parameters in one statement; a batch is far smaller
+        for start in range(0, len(wanted), 10_000):
+            chunk = wanted[start:start + 10_000]
+            marks = ",".join("?" * len(chunk))
+            for key, row in self._db.execute(f"SELECT key, row FROM facts WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(row)
+        return [found.get(k) if k is not None else None for k in keys]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def encode(values: list) -> str:
+    """A manifest row's byte columns as the cache stores them."""
+    return json.dumps(values)
+

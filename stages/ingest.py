@@ -27,7 +27,8 @@ import itertools
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 import cv2
@@ -103,48 +104,74 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
     csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
     batches = _batched(source.records(), CHUNKSIZE)
     if source.layout == "idx":
-        def idx_lines(batch: list[Record]) -> tuple[str, int, list]:
+        def idx_lines(batch: list[Record]) -> Described:
             rows = [manifest_row(r, describe_pixels(source.read_idx_pixels(r.path))) for r in batch]
-            return _csv(rows), len(rows), []
+            return _csv(rows), len(rows), [], 0
 
         return write_lines(map(idx_lines, batches), out)
-    root = str(source.root)
-    work = functools.partial(describe_files, root=root, max_pixels=max_pixels)
-    tasks = (_look_up(batch, root, max_pixels, cache) for batch in batches)
+    work = functools.partial(describe_files, root=str(source.root), max_pixels=max_pixels)
+    folder = cache.folder if cache else None
     if workers == 1:
-        return write_lines(map(work, tasks), out, cache)
+        with _reader_in_this_process(folder):
+            return write_lines(map(work, batches), out, cache)
     # Forked workers start in milliseconds; ingest never imports TensorFlow, whose threads do not
     # survive a fork. `imap` returns the batches in listing order, so the manifest's bytes do not
     # depend on the number of workers, and it reads the listing only as fast as the workers need
     # it (the pipe to them is bounded), so memory stays flat. Each worker sends back the CSV text
-    # of a batch, not its rows: the main process, which shares the cores, then only writes it.
-    with _single_threaded_opencv(), multiprocessing.get_context("fork").Pool(workers) as pool:
-        return write_lines(pool.imap(work, tasks), out, cache)
+    # of a batch, not its rows, and looks its files up in the facts cache itself: the main
+    # process, which shares the cores, only lists, writes and stores.
+    with (_single_threaded_opencv(),
+          multiprocessing.get_context("fork").Pool(workers, initializer=_open_reader, initargs=(folder,)) as pool):
+        return write_lines(pool.imap(work, batches), out, cache)
 
 
-# one file of a task: its record, its key in the facts cache (None: not to be cached) and the
-# values the cache holds for it, in BYTE_COLUMNS order (None: not cached)
-Task = tuple[Record, str | None, list | None]
+# what a batch of files gives: its manifest rows as CSV text, their number, the facts-cache
+# entries of the files read (key, encoded row) and the number of files found in the cache
+Described = tuple[str, int, list[tuple[str, str]], int]
+
+# this process's read-only view of the facts cache (None: no cache); each worker opens its own
+_reader: facts_cache.Reader | None = None
 
 
-def _look_up(records: list[Record], root: str, max_pixels: int, cache: facts_cache.FactsCache | None) -> list[Task]:
-    if cache is None:
-        return [(record, None, None) for record in records]
-    base = os.path.abspath(root)  # once per batch: the keys hold absolute paths
-    keys = [None if r.problem else facts_cache.file_key(os.path.join(base, r.path), max_pixels) for r in records]
-    return list(zip(records, keys, cache.get(keys)))
+def _open_reader(folder: Path | None) -> None:
+    global _reader
+    _reader = facts_cache.Reader(folder) if folder else None
 
 
-def describe_files(tasks: list[Task], root: str, max_pixels: int) -> tuple[str, int, list[tuple[str, list]]]:
-    """The manifest rows of a batch of files as CSV text, their number, and the cache entries of the files read."""
+@contextlib.contextmanager
+def _reader_in_this_process(folder: Path | None):
+    _open_reader(folder)
+    try:
+        yield
+    finally:
+        if _reader:
+            _reader.close()
+        _open_reader(None)
+
+
+def describe_files(records: list[Record], root: str, max_pixels: int) -> Described:
+    """What a batch of files gives (see Described): the cached rows of the files the cache knows, and
+    the others read and described."""
+    keys, cached = _look_up(records, root, max_pixels)
     rows, fresh = [], []
-    for record, key, values in tasks:
+    for record, key, values in zip(records, keys, cached):
         if values is None:
             values = file_values(record, root, max_pixels)
             if key is not None and values[0] is not None:  # read and described: the same bytes give the same row
-                fresh.append((key, values))
+                fresh.append((key, facts_cache.encode(values)))
         rows.append(manifest_row(record, values))
-    return _csv(rows), len(rows), fresh
+    return _csv(rows), len(rows), fresh, len(records) - cached.count(None)
+
+
+def _look_up(records: list[Record], root: str, max_pixels: int) -> tuple[list, list]:
+    """Each file's key in the facts cache (None: not to be cached) and the values the cache holds
+    for it, in BYTE_COLUMNS order (None: not cached, or no cache)."""
+    if _reader is None:
+        nothing = [None] * len(records)
+        return nothing, nothing
+    base = os.path.abspath(root)  # once per batch: the keys hold absolute paths
+    keys = [None if r.problem else facts_cache.file_key(os.path.join(base, r.path), max_pixels) for r in records]
+    return keys, _reader.get(keys)
 
 
 def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -175,17 +202,17 @@ def _single_threaded_opencv():
         cv2.setNumThreads(threads)
 
 
-def write_lines(batches: Iterable[tuple[str, int, list]], out: TextIO,
-                cache: facts_cache.FactsCache | None = None) -> int:
+def write_lines(batches: Iterable[Described], out: TextIO, cache: facts_cache.FactsCache | None = None) -> int:
     """Write each batch's CSV text to `out` and its new entries to the cache; returns the rows written."""
     count = 0
     with tqdm(desc="ingest", unit="img", mininterval=2, disable=None) as progress:
-        for text, rows, fresh in batches:
+        for text, rows, fresh, hits in batches:
             out.write(text)
             count += rows
             progress.update(rows)
             if cache is not None:
                 cache.put(fresh)
+                cache.hits += hits
     return count
 
 

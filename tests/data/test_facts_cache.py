@@ -85,10 +85,12 @@ def test_what_else_decides_a_row_is_part_of_the_key(tmp_path, source, reads):
     assert facts_cache.file_key(str(source / "missing.jpg"), 100) is None
 
 
-def test_workers_share_one_cache_and_it_can_be_deleted(tmp_path, source):
+def test_workers_look_up_one_cache_and_it_can_be_deleted(tmp_path, source, caplog):
     cache = tmp_path / "cache"
     cold = run(tmp_path, source, cache, workers=2)
-    assert run(tmp_path, source, cache, workers=2) == cold
+    with caplog.at_level(logging.INFO, logger="stages.ingest"):
+        assert run(tmp_path, source, cache, workers=2) == cold
+    assert "26 unchanged files not read again" in caplog.text  # each worker found its files
     shutil.rmtree(cache)
     assert run(tmp_path, source, cache, workers=2) == cold
 
