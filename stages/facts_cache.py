@@ -129,4 +129,3 @@ class Reader:
 def encode(values: list) -> str:
     """A manifest row's byte columns as the cache stores them."""
     return json.dumps(values)
-

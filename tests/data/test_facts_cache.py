@@ -122,4 +122,3 @@ def test_entries_of_other_code_are_deleted_once(tmp_path, source, monkeypatch, c
     assert entries() == 26 and "26 entries made by an earlier version of the code deleted" in caplog.text
     with facts_cache.FactsCache(tmp_path / "cache") as cache:
         assert cache.dropped == 0  # same version as the last run: nothing to delete, nothing scanned
-
