@@ -112,7 +112,7 @@ def laplacian_variance(grey: np.ndarray) -> float:
     """The variance of the 3x3 Laplacian of an 8-bit grey image: high when edges are sharp."""
     # 16-bit signed output: the Laplacian of 8-bit pixels stays within +-1020. Its sum and sum
     # of squares are exact in a double (under 2^53 up to 8e9 pixels), and cv2.sumElems plus
-    # cv2.norm cost half of cv2.meanStdDev, which has no fast path for 16-bit input.
+    # cv2.norm cost a third of cv2.meanStdDev, which has no fast path for 16-bit input.
     edges = cv2.Laplacian(grey, cv2.CV_16S)
     mean = cv2.sumElems(edges)[0] / edges.size
     return max(0.0, cv2.norm(edges, cv2.NORM_L2SQR) / edges.size - mean * mean)
