@@ -137,7 +137,7 @@ def refusal(data: bytes, fmt: str, max_pixels: int | None, size: tuple[int, int]
         return "empty file (0 bytes)"
     if fmt == "unknown":
         return "not an image (no known image signature in the first bytes)"
-    size = size or (header_size(data, fmt) if max_pixels else None)
+    size = (size or header_size(data, fmt)) if max_pixels else None  # no limit: no size to check
     if size and size[0] * size[1] > max_pixels:
         return (f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "
                 f"over the limit of {max_pixels} (ingest.max_pixels)")

@@ -110,3 +110,9 @@ def test_look_decodes_other_files_unchanged():
     data = cv2.imencode(".png", rgba)[1].tobytes()
     looked = imagefile.look(data, max_pixels=10**8, side=256)
     assert looked.shape == (30, 20, 4, 8) and np.array_equal(looked.pixels, rgba)
+
+
+def test_look_without_a_pixel_limit_checks_no_size():
+    data = jpeg(cv2.cvtColor(cv2.imread(str(photo(2))), cv2.COLOR_BGR2RGB))
+    looked = imagefile.look(data, max_pixels=None, side=256)
+    assert looked.error == "" and looked.shape == imagefile.look(data, max_pixels=10**8, side=256).shape
