@@ -88,24 +88,39 @@ _LOW_T = np.ascontiguousarray(_LOW.T)
 _MIRROR = np.tile(np.array([1, -1] * 4, dtype=np.float32), 8)
 
 
+def hash_input(grey: np.ndarray) -> np.ndarray:
+    """The 32x32 grey image the hashes of an 8-bit grey image are computed from."""
+    shrinking = max(grey.shape) > HASH_SIDE
+    return cv2.resize(grey, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+# row 0 keeps the DCT coefficients as they are (phash), row 1 mirrors them (phash_mirror)
+_SIGNS = np.stack([np.ones(HASH_BITS, np.float32), _MIRROR])
+
+
+def phash_pairs(smalls: np.ndarray) -> list[tuple[str, str]]:
+    """(phash, phash_mirror) of each image of a k x 32 x 32 stack of hash inputs, 16 hex digits each.
+
+    All of them in one go: for a single image, numpy's cost per call is most of the work, so
+    hashing a batch of images together costs less than half as much per image (with the resize:
+    18 -> 10.5 µs per 128 px photo) and gives the same bits.
+    """
+    count = len(smalls)
+    low = (_LOW @ smalls.astype(np.float32) @ _LOW_T).reshape(count, 1, HASH_BITS) * _SIGNS
+    ranked = np.sort(low, axis=2)  # the median of 64 values, several times faster than np.median
+    bits = low > (ranked[:, :, 31:32] + ranked[:, :, 32:33]) / 2
+    digits = np.packbits(bits, axis=2).tobytes().hex()  # per image: 16 digits straight, 16 mirrored
+    return [(digits[i:i + 16], digits[i + 16:i + 32]) for i in range(0, 32 * count, 32)]
+
+
 def phashes(grey: np.ndarray) -> tuple[str, str]:
     """The 64-bit DCT perceptual hash of an 8-bit grey image and of its mirror image, as 16 hex digits each."""
-    shrinking = max(grey.shape) > HASH_SIDE
-    small = cv2.resize(grey, (HASH_SIDE, HASH_SIDE),
-                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    low = (_LOW @ small.astype(np.float32) @ _LOW_T).ravel()
-    return _bits(low), _bits(low * _MIRROR)
+    return phash_pairs(hash_input(grey)[None])[0]
 
 
 def phash(grey: np.ndarray) -> str:
     """The 64-bit DCT perceptual hash of an 8-bit grey image, as 16 hex digits."""
     return phashes(grey)[0]
-
-
-def _bits(low: np.ndarray) -> str:
-    ranked = np.sort(low)  # the median of 64 values, several times faster than np.median
-    bits = low > (ranked[31] + ranked[32]) / 2
-    return np.packbits(bits).tobytes().hex()
 
 
 def laplacian_variance(grey: np.ndarray) -> float:
@@ -118,10 +133,38 @@ def laplacian_variance(grey: np.ndarray) -> float:
     return max(0.0, cv2.norm(edges, cv2.NORM_L2SQR) / edges.size - mean * mean)
 
 
-def facts(image: np.ndarray) -> ImageFacts:
-    grey = grey8(image)
-    work = _shrink(grey, FACTS_SIDE)
+def measure(image: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    """Sharpness, brightness and contrast of one decoded image, and the input of its hashes (hash_input)."""
+    work = _shrink(grey8(image), FACTS_SIDE)
     mean, std = cv2.meanStdDev(work)
-    straight, mirrored = phashes(work)
-    return ImageFacts(sharpness=laplacian_variance(work), brightness=float(mean[0, 0]),
-                      contrast=float(std[0, 0]), phash=straight, phash_mirror=mirrored)
+    return laplacian_variance(work), float(mean[0, 0]), float(std[0, 0]), hash_input(work)
+
+
+def facts(image: np.ndarray) -> ImageFacts:
+    """The facts of one decoded image (any depth and channels). For many, FactsBatch is cheaper."""
+    *measures, small = measure(image)
+    return ImageFacts(*measures, *phash_pairs(small[None])[0])
+
+
+class FactsBatch:
+    """The facts of many images: each measured as it comes (the image can then be dropped), all
+    hashed together by `finish` (see phash_pairs): what ingest does with a worker's batch."""
+
+    def __init__(self) -> None:
+        self._rows: list[list] = []
+        self._measures: list[tuple[float, float, float]] = []
+        self._smalls: list[np.ndarray] = []
+
+    def add(self, image: np.ndarray, row: list) -> None:
+        """Measure `image` now; `finish` appends its facts to `row`, in ImageFacts.row() order."""
+        *measures, small = measure(image)
+        self._rows.append(row)
+        self._measures.append(measures)
+        self._smalls.append(small)
+
+    def finish(self) -> None:
+        """Hash the images added and complete their rows: once, after the last `add`."""
+        if self._smalls:
+            pairs = phash_pairs(np.stack(self._smalls))
+            for row, measures, pair in zip(self._rows, self._measures, pairs):
+                row += ImageFacts(*measures, *pair).row()

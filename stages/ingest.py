@@ -53,25 +53,33 @@ _NO_FACTS = [None] * len(image_facts.ImageFacts._fields)
 log = logging.getLogger(__name__)
 
 
-def describe(data: bytes, max_pixels: int) -> list:
+def describe(data: bytes, max_pixels: int, facts: image_facts.FactsBatch | None = None) -> list:
     """What the bytes of one image file say, in BYTE_COLUMNS order: pure, the same bytes give the same values.
 
     A list in column order, not a dict: it runs once per image, and the CSV writer and the facts
-    cache both take the values in that order.
+    cache both take the values in that order. With `facts`, a batch shared by many calls, the
+    last five values (the image's facts) are appended when the batch is finished.
     """
     looked = imagefile.look(data, max_pixels, image_facts.FACTS_SIDE)
     if looked.shape is None:
         return [hashlib.sha1(data).hexdigest(), looked.format, None, None, None, None, len(data), looked.error,
                 *_NO_FACTS]
-    return [hashlib.sha1(data).hexdigest(), looked.format, *looked.shape, len(data), "",
-            *image_facts.facts(looked.pixels).row()]
+    values = [hashlib.sha1(data).hexdigest(), looked.format, *looked.shape, len(data), ""]
+    return _with_facts(values, looked.pixels, facts)
 
 
-def describe_pixels(pixels) -> list:
+def describe_pixels(pixels, facts: image_facts.FactsBatch | None = None) -> list:
     """What one IDX image says, in BYTE_COLUMNS order: raw 8-bit grey pixels, nothing to decode."""
     height, width = pixels.shape
-    return [hashlib.sha1(pixels.tobytes()).hexdigest(), "idx", width, height, 1, 8, pixels.size, "",
-            *image_facts.facts(pixels).row()]
+    values = [hashlib.sha1(pixels.tobytes()).hexdigest(), "idx", width, height, 1, 8, pixels.size, ""]
+    return _with_facts(values, pixels, facts)
+
+
+def _with_facts(values: list, pixels, facts: image_facts.FactsBatch | None) -> list:
+    if facts is None:
+        return values + list(image_facts.facts(pixels).row())
+    facts.add(pixels, values)
+    return values
 
 
 def unreadable(reason: str) -> list:
@@ -79,15 +87,16 @@ def unreadable(reason: str) -> list:
     return [None, "unknown", None, None, None, None, None, reason, *_NO_FACTS]
 
 
-def file_values(record: Record, root: str, max_pixels: int) -> list:
-    """What one file of a folder or CSV source says, in BYTE_COLUMNS order (in a worker process, if there are any)."""
+def file_values(record: Record, root: str, max_pixels: int, facts: image_facts.FactsBatch | None = None) -> list:
+    """What one file of a folder or CSV source says, in BYTE_COLUMNS order (in a worker process, if there are
+    any); with `facts`, see describe."""
     if record.problem:
         return unreadable(record.problem)
     try:
         data = read_file(root, record.path)
     except OSError as exc:
         return unreadable(f"cannot read file: {exc.strerror}")
-    return describe(data, max_pixels)
+    return describe(data, max_pixels, facts)
 
 
 def manifest_row(record: Record, values: list) -> list:
@@ -105,8 +114,10 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
     batches = _batched(source.records(), CHUNKSIZE)
     if source.layout == "idx":
         def idx_lines(batch: list[Record]) -> Described:
-            rows = [manifest_row(r, describe_pixels(source.read_idx_pixels(r.path))) for r in batch]
-            return _csv(rows), len(rows), [], 0
+            facts = image_facts.FactsBatch()
+            values = [describe_pixels(source.read_idx_pixels(r.path), facts) for r in batch]
+            facts.finish()
+            return _csv(map(manifest_row, batch, values)), len(batch), [], 0
 
         return write_lines(map(idx_lines, batches), out)
     work = functools.partial(describe_files, root=str(source.root), max_pixels=max_pixels)
@@ -153,14 +164,13 @@ def describe_files(records: list[Record], root: str, max_pixels: int) -> Describ
     """What a batch of files gives (see Described): the cached rows of the files the cache knows, and
     the others read and described."""
     keys, cached = _look_up(records, root, max_pixels)
-    rows, fresh = [], []
-    for record, key, values in zip(records, keys, cached):
-        if values is None:
-            values = file_values(record, root, max_pixels)
-            if key is not None and values[0] is not None:  # read and described: the same bytes give the same row
-                fresh.append((key, facts_cache.encode(values)))
-        rows.append(manifest_row(record, values))
-    return _csv(rows), len(rows), fresh, len(records) - cached.count(None)
+    facts = image_facts.FactsBatch()  # the files' facts are completed together, once all are read
+    values = [file_values(r, root, max_pixels, facts) if v is None else v for r, v in zip(records, cached)]
+    facts.finish()
+    # read and described (an id): the same bytes give the same row
+    fresh = [(key, facts_cache.encode(v)) for key, v, c in zip(keys, values, cached)
+             if c is None and key is not None and v[0] is not None]
+    return _csv(map(manifest_row, records, values)), len(records), fresh, len(records) - cached.count(None)
 
 
 def _look_up(records: list[Record], root: str, max_pixels: int) -> tuple[list, list]:

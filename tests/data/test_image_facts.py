@@ -91,3 +91,17 @@ def test_the_mirror_hash_is_the_hash_of_the_mirror_image():
         facts, mirrored = image_facts.facts(image), image_facts.facts(cv2.flip(image, 1))
         assert mirrored.phash == facts.phash_mirror and mirrored.phash_mirror == facts.phash
         assert distance(facts.phash, facts.phash_mirror) > 8  # a photo is not its own mirror image
+
+
+def test_a_batch_gives_each_image_the_facts_it_has_alone():
+    """FactsBatch hashes its images together (one product over the stack): the rows must not change."""
+    photos = [cv2.imread(str(photo(i))) for i in range(5)]
+    images = [*photos, cv2.resize(photos[0], (300, 200)), np.full((1, 1), 7, np.uint8),
+              cv2.cvtColor(photos[1], cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257]
+    batch, rows = image_facts.FactsBatch(), [[f"row {i}"] for i in range(len(images))]
+    for image, row in zip(images, rows):
+        batch.add(image, row)
+    assert all(row == [row[0]] for row in rows)  # nothing until the batch is finished
+    batch.finish()
+    assert rows == [[f"row {i}", *image_facts.facts(image).row()] for i, image in enumerate(images)]
+    assert len({row[4] for row in rows[:5]}) == 5  # different photos, different hashes: not one row copied
