@@ -270,7 +270,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
                          "(re-run the ingest stage)")
     if frame.empty:
         raise StageError(f"{path}: the manifest has no rows; nothing to validate")
-    return frame[COLUMNS]
+    return frame if list(frame.columns) == COLUMNS else frame[COLUMNS]  # a copy only to reorder
 
 
 def run(params: Params) -> None:
