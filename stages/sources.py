@@ -131,10 +131,10 @@ class Source:
                 yield from self._class_records(entry, "")
 
     def _class_records(self, folder: Path, split: str) -> Iterator[Record]:
-        empty = True
+        empty, label = True, folder.name
         for file in self._files(folder):
             empty = False
-            yield self._record(file, folder.name, split)
+            yield self._record(file, label, split)
         if empty:  # no input to list, but a class the user expects may be missing: say so
             log.warning("%s/ holds no files, so there is no class %r from it", self._relative(folder), folder.name)
 
