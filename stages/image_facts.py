@@ -152,7 +152,7 @@ class FactsBatch:
 
     def __init__(self) -> None:
         self._rows: list[list] = []
-        self._measures: list[tuple[float, float, float]] = []
+        self._measures: list[list[float]] = []  # sharpness, brightness, contrast
         self._smalls: list[np.ndarray] = []
 
     def add(self, image: np.ndarray, row: list) -> None:
