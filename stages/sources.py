@@ -52,6 +52,11 @@ class Record(NamedTuple):  # a named tuple: one per input file, sent to a worker
     problem: str = ""  # a reason the file must not be read (e.g. a link leaving the source)
 
 
+def _real_folder(path: Path) -> bool:
+    """A folder, not a link to one (see Source._record)."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def detect_layout(root: Path, labels_csv: str) -> str:
     if not root.is_dir():
         raise SourceError(f"ingest.source {root} does not exist or is not a folder")
@@ -90,7 +95,7 @@ class Source:
 
         Scandir entries know whether they are links without another system call, which counts with
         millions of files. Links are not followed: a link is listed as a file and `_record` checks
-        where it points (a link to a folder then fails to read, with a reason, instead of vanishing).
+        where it points (a link to a folder is then one input with a reason, instead of vanishing).
         """
         entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
         folders = [e for e in entries if e.is_dir(follow_symlinks=False)]
@@ -110,7 +115,11 @@ class Source:
         problem = ""
         if entry.is_symlink():
             target = Path(entry).resolve()
-            if not target.is_relative_to(self.root.resolve()):
+            # A link to a folder is never followed: it could lead anywhere (to / and the whole
+            # disk, or to a parent folder: a loop), or list the same files twice.
+            if target.is_dir():
+                problem = f"symbolic link to the folder {target}: links to folders are not followed"
+            elif not target.is_relative_to(self.root.resolve()):
                 problem = f"symbolic link to {target}, outside the source folder"
         return Record(self._relative(entry), label, split, problem)
 
@@ -118,15 +127,15 @@ class Source:
         top = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
         split_layout = bool(top) and all(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in top)
         for entry in top:
-            if entry.is_file():  # an image outside any class folder has no label
+            if not _real_folder(entry):  # a file outside any class folder has no label; or a link
                 yield self._record(entry, "", "")
             elif split_layout:
                 split = SPLIT_FOLDERS[entry.name.lower()]
                 for class_dir in sorted(p for p in entry.iterdir() if not p.name.startswith(".")):
-                    if class_dir.is_file():
-                        yield self._record(class_dir, "", split)
-                    else:
+                    if _real_folder(class_dir):
                         yield from self._class_records(class_dir, split)
+                    else:
+                        yield self._record(class_dir, "", split)
             else:
                 yield from self._class_records(entry, "")
 

@@ -72,6 +72,16 @@ def grey(path: Path) -> np.ndarray:
 
 
 OUTSIDE = "outside.jpg"  # a file next to the source folder, which a link inside points to
+OUTSIDE_FOLDER = "outside-folder"  # a folder next to the source folder (with a photo), which a link points to
+# what a link in the corpus points to (relative to the folder the corpus is built in)
+LINK_TO_FILE_OUTSIDE, LINK_TO_FOLDER_OUTSIDE, LINK_TO_FOLDER_INSIDE = OUTSIDE, OUTSIDE_FOLDER, "src/cat"
+
+
+def folder_link(target: str) -> str:
+    """The reason a link to the folder `target` gets ({root}: the folder the corpus is built in)."""
+    return "symbolic link to the folder {root}/" + target + ": links to folders are not followed"
+
+
 ACCEPTED = "accepted"
 # path in the source -> (its bytes, manifest facts: format, width, height, channels, bit_depth, error,
 # validate's verdict: ACCEPTED or the exact quarantine reason). NaN sizes: not decoded.
@@ -107,9 +117,14 @@ CORPUS = {
     "cat/my photo.jpg": (lambda: photo(8).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
     "cat/fleur-été-花.jpg": (lambda: photo(9).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
     "cat/-rf.jpg": (lambda: photo(10).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
-    "cat/link-out.jpg": (None, ("unknown", None, None, None, None, "symbolic link to {outside}, outside the source "
-                                                                     "folder"),
-                         "symbolic link to {outside}, outside the source folder"),
+    "cat/link-out.jpg": (LINK_TO_FILE_OUTSIDE, ("unknown", None, None, None, None,
+                                                "symbolic link to {root}/outside.jpg, outside the source folder"),
+                         "symbolic link to {root}/outside.jpg, outside the source folder"),
+    # a link to a folder is one input, never followed (it could lead to / and the whole disk)
+    "lion": (LINK_TO_FOLDER_OUTSIDE, ("unknown", None, None, None, None, folder_link(OUTSIDE_FOLDER)),
+             folder_link(OUTSIDE_FOLDER)),
+    "dog/more cats": (LINK_TO_FOLDER_INSIDE, ("unknown", None, None, None, None, folder_link("src/cat")),
+                      folder_link("src/cat")),
     # an image outside any class folder has no label
     "stray.jpg": (lambda: photo(11).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), "no label"),
     # the same bytes under two labels: every copy quarantined; twice under one label: the first kept
@@ -131,11 +146,13 @@ def build_corpus(root: Path) -> Path:
     source = root / "src"
     (source / "bird").mkdir(parents=True)  # an empty class folder: no input, so no row
     (root / OUTSIDE).write_bytes(photo(13).read_bytes())
+    (root / OUTSIDE_FOLDER).mkdir()
+    (root / OUTSIDE_FOLDER / "photo.jpg").write_bytes(photo(14).read_bytes())
     for rel, (make, _, _) in CORPUS.items():
         path = source / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if make is None:
-            path.symlink_to(root / OUTSIDE)
+        if isinstance(make, str):  # a link
+            path.symlink_to(root / make)
         else:
             path.write_bytes(make())
     return source
@@ -168,10 +185,10 @@ def test_corpus_file_is_described_by_its_bytes(corpus, rel):
     row = manifest.loc[rel]
     as_int = [None if pd.isna(v) else int(v) for v in row[["width", "height", "channels", "bit_depth"]]]
     assert (row.format, *as_int, row.error if pd.notna(row.error) else "") == \
-           (fmt, width, height, channels, bit_depth, error.format(outside=root / OUTSIDE))
+           (fmt, width, height, channels, bit_depth, error.format(root=root))
     if width is not None:  # decoded: the pixel facts are there
         assert row[["sharpness", "brightness", "contrast"]].notna().all() and re.fullmatch("[0-9a-f]{16}", row.phash)
-    if CORPUS[rel][0] is not None:
+    if callable(CORPUS[rel][0]):
         assert row.id == hashlib.sha1((Path(root) / "src" / rel).read_bytes()).hexdigest()
         assert row.bytes == (Path(root) / "src" / rel).stat().st_size
 
@@ -179,7 +196,7 @@ def test_corpus_file_is_described_by_its_bytes(corpus, rel):
 @pytest.mark.parametrize("rel", CORPUS)
 def test_corpus_file_gets_its_verdict(corpus, rel):
     root, _, result, _ = corpus
-    verdict = CORPUS[rel][2].format(outside=root / OUTSIDE)
+    verdict = CORPUS[rel][2].format(root=root)
     quarantined = dict(zip(result.quarantine["path"], result.quarantine["reason"]))
     if verdict == ACCEPTED:
         assert rel in set(result.accepted["path"]) and rel not in quarantined
@@ -241,6 +258,22 @@ def test_split_folders_are_recorded(tmp_path):
             shutil.copy(f, root / split / "tulip" / f.name)
     m = run_ingest(tmp_path, root)
     assert m.source_split.tolist() == ["test", "train", "train"] and set(m.label) == {"tulip"}
+
+
+def test_links_to_folders_are_listed_not_followed(tmp_path):
+    """A class folder (or split folder) that is a link is one input with a reason: one to / is not a walk of the disk."""
+    root = tmp_path / "src"
+    (root / "train" / "tulip").mkdir(parents=True)
+    shutil.copy(flower_files(1, "tulip")[0], root / "train" / "tulip")
+    (root / "train" / "everything").symlink_to("/")
+    (root / "test").symlink_to(root / "train")
+    with Source(root) as source:
+        records = list(source.records())
+    assert [(r.path, r.label, r.source_split, r.problem) for r in records] == [
+        ("test", "", "", f"symbolic link to the folder {root}/train: links to folders are not followed"),
+        ("train/everything", "", "train", "symbolic link to the folder /: links to folders are not followed"),
+        (f"train/tulip/{flower_files(1, 'tulip')[0].name}", "tulip", "train", ""),
+    ]
 
 
 def write_idx(folder: Path, prefix: str, n: int):
