@@ -18,8 +18,8 @@ definition per table), and `gx/.gitignore`. The suites are this code: each run s
 with a validation definition and a checkpoint per table, into `gx/uncommitted/`, next to the
 validation results it adds there, so `gx.get_context(mode="file")` finds them after a run.
 Nothing under `gx/uncommitted/` is versioned: it is run state (the suites, definitions and
-checkpoints are rewritten from this code by every run; the results add up, one set per run,
-and can be deleted at will).
+checkpoints are rewritten from this code by every run; the results of the last RESULTS_KEPT
+runs are kept, and can be deleted at will).
 
 GX rewrites great_expectations.yml only when it adds to the data source. The committed file
 already holds every table's asset, so a run leaves it untouched; a new table adds its asset
@@ -56,6 +56,8 @@ TEMPLATE_FILES = ("great_expectations.yml", ".gitignore")
 SOURCE = "validate"
 # offending rows quoted per failed expectation in the error message
 EXAMPLES = 5
+# the runs whose results gx/uncommitted/validations keeps, per suite (see _prune_results)
+RESULTS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,31 @@ def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_di
     # UpdateDataDocsAction per checkpoint renders only that checkpoint's page, and re-renders
     # the index each time.
     context.build_data_docs(site_names=[SITE], resource_identifiers=pages)
+    _prune_results(context.validation_results_store, RESULTS_KEPT)
     return outcomes
+
+
+def _prune_results(store, keep: int) -> None:
+    """Delete all but the newest `keep` results of each suite from the results store.
+
+    GX keeps every run's results (about 50 KB a run here), and nothing would ever delete them:
+    the stage's Data Docs show this run's only, and the history that matters is DVC's
+    (summary.json is a metric, `dvc metrics diff` compares runs).
+    """
+    by_suite: dict[str, list] = {}
+    for key in store.list_keys():
+        by_suite.setdefault(key.expectation_suite_identifier.name, []).append(key)
+    for keys in by_suite.values():
+        keys.sort(key=lambda k: (k.run_id.run_time, k.run_id.run_name or ""), reverse=True)
+        for key in keys[keep:]:
+            store.remove_key(key)
+    # GX means to remove the folders a deleted result leaves empty, but its test for an empty
+    # folder never holds (GX 1.24: `not Path(folder).iterdir()`, and a generator is never false)
+    base = getattr(store.store_backend, "full_base_directory", None)  # None: not a folder store
+    if base:
+        for folder in sorted(Path(base).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _context(root: Path):

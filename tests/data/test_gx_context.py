@@ -75,6 +75,22 @@ def test_a_changed_threshold_updates_the_stored_suite(tmp_path, monkeypatch):
     assert len(suite.expectations) == 2  # replaced, not added to
 
 
+def test_only_the_latest_runs_results_are_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(expectations, "RESULTS_KEPT", 2)
+    store = lambda: gx.get_context(mode="file", project_root_dir=tmp_path).validation_results_store  # noqa: E731
+    runs = []
+    for _ in range(3):
+        run_stage(tmp_path, CLEAN)
+        runs.append({k.to_tuple() for k in store().list_keys()} - set().union(*runs))
+    assert [len(run) for run in runs] == [4, 4, 4]  # each run stores one result per suite
+    assert {k.to_tuple() for k in store().list_keys()} == runs[1] | runs[2]  # the first run's are gone
+    assert project(gx.get_context(mode="file", project_root_dir=tmp_path))["results"] == sorted(SUITES * 2)
+    # and with them their folders: no empty folder is left behind
+    validations = tmp_path / "gx" / "uncommitted" / "validations"
+    assert not [d for d in validations.rglob("*") if d.is_dir() and not any(d.iterdir())]
+
+
 def git(repo, *args: str) -> str:
     return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
                           capture_output=True, text=True).stdout
