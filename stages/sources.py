@@ -114,7 +114,9 @@ class Source:
     def _record(self, entry: os.DirEntry | Path, label: str, split: str) -> Record:
         problem = ""
         if entry.is_symlink():
-            target = Path(entry).resolve()
+            # realpath, not Path.resolve: on a loop of links Python 3.11 raises RuntimeError; the
+            # loop is then reported when the file is read ("too many levels of symbolic links")
+            target = Path(os.path.realpath(entry))
             # A link to a folder is never followed: it could lead anywhere (to / and the whole
             # disk, or to a parent folder: a loop), or list the same files twice.
             if target.is_dir():
@@ -266,7 +268,8 @@ def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise SourceError(f"{path} line {line}: expected `<file or id>,<label>`, got {','.join(row)!r}")
         key, label = row[0].strip(), row[1].strip()
-        if Path(key).is_absolute() or not (root / key).resolve().is_relative_to(root_resolved):
+        # realpath: Path.resolve raises on a loop of links (Python 3.11); the listing reports those
+        if Path(key).is_absolute() or not Path(os.path.realpath(root / key)).is_relative_to(root_resolved):
             raise SourceError(f"{path} line {line}: {key!r} points outside the source folder")
         if key in seen:
             first_line, first_label = seen[key]

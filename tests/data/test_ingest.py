@@ -125,6 +125,10 @@ CORPUS = {
              folder_link(OUTSIDE_FOLDER)),
     "dog/more cats": (LINK_TO_FOLDER_INSIDE, ("unknown", None, None, None, None, folder_link("src/cat")),
                       folder_link("src/cat")),
+    # a link to itself: a loop, not a crash
+    "cat/loop.jpg": ("src/cat/loop.jpg", ("unknown", None, None, None, None,
+                                          "cannot read file: Too many levels of symbolic links"),
+                     "cannot read file: Too many levels of symbolic links"),
     # an image outside any class folder has no label
     "stray.jpg": (lambda: photo(11).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), "no label"),
     # the same bytes under two labels: every copy quarantined; twice under one label: the first kept
