@@ -19,11 +19,13 @@ temporary file and memory-mapped: any image is then one slice away.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -237,9 +239,13 @@ def read_file(root: str | Path, path: str) -> bytes:
     """The bytes of the file at `path` (relative to the source folder `root`)."""
     # os.read on a descriptor: half the cost of open().read() (no file object, no buffer), which
     # counts when the file is a 3 KB thumbnail read once per image
-    fd = os.open(os.path.join(root, path), os.O_RDONLY)
+    # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, forever
+    fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
     try:
-        chunks = [os.read(fd, os.fstat(fd).st_size)]
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # a pipe has no end, a device may have none
+            raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
+        chunks = [os.read(fd, info.st_size)]
         while chunk := os.read(fd, 1 << 20):  # to the end: the file may have grown, or be over 2 GB
             chunks.append(chunk)
     finally:

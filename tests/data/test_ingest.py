@@ -76,6 +76,9 @@ OUTSIDE_FOLDER = "outside-folder"  # a folder next to the source folder (with a 
 # what a link in the corpus points to (relative to the folder the corpus is built in)
 LINK_TO_FILE_OUTSIDE, LINK_TO_FOLDER_OUTSIDE, LINK_TO_FOLDER_INSIDE = OUTSIDE, OUTSIDE_FOLDER, "src/cat"
 
+NAMED_PIPE = "a named pipe"  # made with os.mkfifo
+NOT_REGULAR = "cannot read file: not a regular file (a folder, named pipe, socket or device)"
+
 
 def folder_link(target: str) -> str:
     """The reason a link to the folder `target` gets ({root}: the folder the corpus is built in)."""
@@ -125,6 +128,8 @@ CORPUS = {
              folder_link(OUTSIDE_FOLDER)),
     "dog/more cats": (LINK_TO_FOLDER_INSIDE, ("unknown", None, None, None, None, folder_link("src/cat")),
                       folder_link("src/cat")),
+    # a named pipe would make a reader wait for a writer, forever
+    "cat/pipe.jpg": (NAMED_PIPE, ("unknown", None, None, None, None, NOT_REGULAR), NOT_REGULAR),
     # a link to itself: a loop, not a crash
     "cat/loop.jpg": ("src/cat/loop.jpg", ("unknown", None, None, None, None,
                                           "cannot read file: Too many levels of symbolic links"),
@@ -155,7 +160,9 @@ def build_corpus(root: Path) -> Path:
     for rel, (make, _, _) in CORPUS.items():
         path = source / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(make, str):  # a link
+        if make is NAMED_PIPE:
+            os.mkfifo(path)
+        elif isinstance(make, str):  # a link
             path.symlink_to(root / make)
         else:
             path.write_bytes(make())
