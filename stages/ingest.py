@@ -38,7 +38,7 @@ from stages import facts_cache, image_facts, imagefile
 from stages.atomic import atomic_path
 from stages.cli import StageError, stage_main
 from stages.params import Params
-from stages.sources import Record, Source, SourceError, read_file
+from stages.sources import Record, Source, SourceError, TooLarge, hash_file, read_file
 
 COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
            "error", "sharpness", "brightness", "contrast", "phash", "phash_mirror"]
@@ -50,6 +50,16 @@ BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
 assert COLUMNS[1:4] == RECORD_COLUMNS  # manifest_row puts them back after the id
 assert COLUMNS[-5:] == list(image_facts.ImageFacts._fields)  # describe appends the facts' row
 _NO_FACTS = [None] * len(image_facts.ImageFacts._fields)
+# What an image file within ingest.max_pixels can hold: 8 bytes a pixel (16-bit RGBA stored raw,
+# in a BMP or TIFF), and 64 MiB of what may come with the pixels (metadata, an embedded preview,
+# the video a phone's motion photo appends). A larger file (a video, an archive) is hashed as it
+# streams by, never held in memory.
+BYTES_PER_PIXEL = 8
+EXTRA_BYTES = 64 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    return BYTES_PER_PIXEL * max_pixels + EXTRA_BYTES
 log = logging.getLogger(__name__)
 
 
@@ -93,10 +103,24 @@ def file_values(record: Record, root: str, max_pixels: int, facts: image_facts.F
     if record.problem:
         return unreadable(record.problem)
     try:
-        data = read_file(root, record.path)
+        data = read_file(root, record.path, limit=max_file_bytes(max_pixels))
+    except TooLarge:
+        return too_large(root, record.path, max_pixels)
     except OSError as exc:
         return unreadable(f"cannot read file: {exc.strerror}")
     return describe(data, max_pixels, facts)
+
+
+def too_large(root: str, path: str, max_pixels: int) -> list:
+    """The values of a file too large to hold an image within `max_pixels`: its id and format, from
+    bytes read 1 MB at a time, and why it is not described."""
+    try:
+        digest, head, size = hash_file(root, path)
+    except OSError as exc:
+        return unreadable(f"cannot read file: {exc.strerror}")
+    reason = (f"too large to read: {size} bytes, more than an image of {max_pixels} pixels (ingest.max_pixels) "
+              f"can take ({max_file_bytes(max_pixels)} bytes)")
+    return [digest, imagefile.detect_format(head), None, None, None, None, size, reason, *_NO_FACTS]
 
 
 def manifest_row(record: Record, values: list) -> list:

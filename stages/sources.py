@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import errno
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -235,8 +236,17 @@ class Source:
         self.close()
 
 
-def read_file(root: str | Path, path: str) -> bytes:
-    """The bytes of the file at `path` (relative to the source folder `root`)."""
+class TooLarge(OSError):
+    """The file holds more bytes than the caller would read into memory."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(errno.EFBIG, f"{size} bytes, over the limit of {limit}")
+        self.size = size
+
+
+def read_file(root: str | Path, path: str, limit: int | None = None) -> bytes:
+    """The bytes of the file at `path` (relative to the source folder `root`); TooLarge if it holds
+    more than `limit` bytes."""
     # os.read on a descriptor: half the cost of open().read() (no file object, no buffer), which
     # counts when the file is a 3 KB thumbnail read once per image
     # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, forever
@@ -245,12 +255,30 @@ def read_file(root: str | Path, path: str) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):  # a pipe has no end, a device may have none
             raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
+        if limit is not None and info.st_size > limit:
+            raise TooLarge(info.st_size, limit)
         chunks = [os.read(fd, info.st_size)]
         while chunk := os.read(fd, 1 << 20):  # to the end: the file may have grown, or be over 2 GB
             chunks.append(chunk)
     finally:
         os.close(fd)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def hash_file(root: str | Path, path: str) -> tuple[str, bytes, int]:
+    """(sha1 hex digest, first 64 bytes, size) of a file, read 1 MB at a time: never all in memory."""
+    digest, head, size = hashlib.sha1(), b"", 0
+    fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
+        while chunk := os.read(fd, 1 << 20):
+            head = head or chunk[:64]
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), head, size
 
 
 def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:

@@ -41,9 +41,9 @@ def reads(monkeypatch):
     opened = []
     real = ingest.read_file
 
-    def counting(root, path):
+    def counting(root, path, **limit):
         opened.append(path)
-        return real(root, path)
+        return real(root, path, **limit)
 
     monkeypatch.setattr(ingest, "read_file", counting)
     return opened

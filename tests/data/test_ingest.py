@@ -271,6 +271,42 @@ def test_split_folders_are_recorded(tmp_path):
     assert m.source_split.tolist() == ["test", "train", "train"] and set(m.label) == {"tulip"}
 
 
+def test_a_file_too_large_to_be_an_image_is_hashed_as_it_streams_not_read(tmp_path):
+    root = tmp_path / "src"
+    (root / "cat").mkdir(parents=True)
+    shutil.copy(photo(0), root / "cat" / "photo.jpg")
+    limit = ingest.max_file_bytes(1000)  # 8 bytes a pixel + 64 MiB
+    with open(root / "cat" / "clip.jpg", "wb") as fh:  # a video named .jpg, one byte too many (sparse: no disk used)
+        fh.write(b"\x00\x00\x00\x18ftypmp42")
+        fh.truncate(limit + 1)
+    m = run_ingest(tmp_path, root, max_pixels=1000).set_index("path")
+    clip = m.loc["cat/clip.jpg"]
+    digest = hashlib.sha1(b"\x00\x00\x00\x18ftypmp42" + bytes(limit + 1 - 12)).hexdigest()
+    assert (clip.id, clip.format, clip.bytes, clip.width) == (digest, "unknown", limit + 1, "")
+    assert clip.error == (f"too large to read: {limit + 1} bytes, more than an image of 1000 pixels "
+                          f"(ingest.max_pixels) can take ({limit} bytes)")
+    assert m.loc["cat/photo.jpg"].error.startswith("too large to decode")  # read: 128 x 128 is over 1000 pixels
+
+
+def test_a_jpeg_with_data_after_its_end_is_whole(tmp_path):
+    """A phone's motion photo is a JPEG with a video after its end marker: not a truncated JPEG."""
+    root = tmp_path / "src"
+    (root / "cat").mkdir(parents=True)
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(50_000)
+    (root / "cat" / "motion.jpg").write_bytes(photo(1).read_bytes() + video)
+    # a JPEG with a thumbnail (a whole JPEG, end marker included) in a comment before its image data
+    thumbnail = cv2.imencode(".jpg", cv2.imread(str(photo(3)))[:16, :16])[1].tobytes()
+    data = photo(2).read_bytes()
+    with_thumbnail = data[:2] + b"\xff\xfe" + struct.pack(">H", len(thumbnail) + 2) + thumbnail + data[2:]
+    (root / "cat" / "whole.jpg").write_bytes(with_thumbnail + video)
+    (root / "cat" / "cut.jpg").write_bytes(with_thumbnail[:-2] + video)  # no end marker after the image data
+    assert b"\xff\xd9" in with_thumbnail[:-2]  # the thumbnail's
+    m = run_ingest(tmp_path, root).set_index("path")
+    assert [(m.loc[f"cat/{name}.jpg"].error, str(m.loc[f"cat/{name}.jpg"].width)) for name in ("motion", "whole")] \
+        == [("", "128"), ("", "128")]
+    assert m.loc["cat/cut.jpg"].error == "truncated jpeg (no end-of-image marker)"
+
+
 def test_links_to_folders_are_listed_not_followed(tmp_path):
     """A class folder (or split folder) that is a link is one input with a reason: one to / is not a walk of the disk."""
     root = tmp_path / "src"
