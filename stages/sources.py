@@ -55,6 +55,19 @@ class Record(NamedTuple):  # a named tuple: one per input file, sent to a worker
     problem: str = ""  # a reason the file must not be read (e.g. a link leaving the source)
 
 
+def _utf8(name: str) -> bool:
+    """Whether a name from the file system is UTF-8 text (Python keeps other bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(name: str) -> str:
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _real_folder(path: Path) -> bool:
     """A folder, not a link to one (see Source._record)."""
     return path.is_dir() and not path.is_symlink()
@@ -115,6 +128,12 @@ class Source:
         return relative.replace(os.sep, "/")
 
     def _record(self, entry: os.DirEntry | Path, label: str, split: str) -> Record:
+        relative = self._relative(entry)
+        if not relative.isascii() and not _utf8(relative):
+            # Linux names are bytes: these are not UTF-8 (an old archive's, say). The manifest is
+            # UTF-8, so the name is written with \x escapes, and the file is not read.
+            return Record(_escaped(relative), _escaped(label), split,
+                          "the file or folder name is not UTF-8 text (shown with \\x escapes): rename it")
         problem = ""
         if entry.is_symlink():
             # realpath, not Path.resolve: on a loop of links Python 3.11 raises RuntimeError; the
@@ -126,7 +145,7 @@ class Source:
                 problem = f"symbolic link to the folder {target}: links to folders are not followed"
             elif not target.is_relative_to(self.root.resolve()):
                 problem = f"symbolic link to {target}, outside the source folder"
-        return Record(self._relative(entry), label, split, problem)
+        return Record(relative, label, split, problem)
 
     def _folder_records(self) -> Iterator[Record]:
         top = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))

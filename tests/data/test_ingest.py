@@ -307,6 +307,24 @@ def test_a_jpeg_with_data_after_its_end_is_whole(tmp_path):
     assert m.loc["cat/cut.jpg"].error == "truncated jpeg (no end-of-image marker)"
 
 
+def test_names_that_are_not_utf8_are_quarantined_and_odd_ones_kept(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 cannot go into the UTF-8 manifest as it is."""
+    root = tmp_path / "src"
+    (root / "cat").mkdir(parents=True)
+    os.mkdir(os.fsencode(root) + b"/caf\xe9s")  # a class folder named in Latin-1
+    names = {b"cat/caf\xe9.jpg": 0, b"caf\xe9s/one.jpg": 1, "cat/new\nline.jpg".encode(): 2,
+             'cat/com,ma "quote".jpg'.encode(): 3}
+    for name, i in names.items():
+        shutil.copy(photo(i), os.fsencode(root) + b"/" + name)
+    ingest.run(params_from_dict({"ingest": {"source": str(root)}, "paths": {"manifest": str(tmp_path / "m.csv")}}))
+    m = validate.read_manifest(tmp_path / "m.csv").set_index("path")
+    reason = "the file or folder name is not UTF-8 text (shown with \\x escapes): rename it"
+    assert sorted(m.index) == ["caf\\xe9s/one.jpg", "cat/caf\\xe9.jpg", 'cat/com,ma "quote".jpg', "cat/new\nline.jpg"]
+    assert m.loc["cat/caf\\xe9.jpg", "error"] == m.loc["caf\\xe9s/one.jpg", "error"] == reason
+    assert m.loc["caf\\xe9s/one.jpg", "label"] == "caf\\xe9s"
+    assert m.loc[["cat/new\nline.jpg", 'cat/com,ma "quote".jpg'], "error"].isna().all()  # read and decoded
+
+
 def test_links_to_folders_are_listed_not_followed(tmp_path):
     """A class folder (or split folder) that is a link is one input with a reason: one to / is not a walk of the disk."""
     root = tmp_path / "src"
