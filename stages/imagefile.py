@@ -25,8 +25,15 @@ _MAGIC = (
 )
 
 
+# ISO media files (a first box `ftyp`) hold AVIF and HEIF images, and MP4/QuickTime videos: the
+# major brand or a compatible brand says which
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
 def detect_format(data: bytes) -> str:
-    """The image format named by the file's first bytes, or `unknown`/`empty`."""
+    """The format named by the file's first bytes: an image format, `media` (an MP4 or QuickTime
+    file, not an image), `unknown` or `empty`."""
     if not data:
         return "empty"
     for prefix, name in _MAGIC:
@@ -34,6 +41,10 @@ def detect_format(data: bytes) -> str:
             return name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if data[4:8] == b"ftyp":
+        end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+        brands = {data[8:12]} | {data[i:i + 4] for i in range(16, end - 3, 4)}
+        return "avif" if brands & _AVIF_BRANDS else "heif" if brands & _HEIF_BRANDS else "media"
     return "unknown"
 
 
@@ -51,7 +62,8 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
 
     A few bytes can claim a 100000 x 100000 image (a decompression bomb): the size is checked
     before the decoder allocates anything. Formats follow their specifications (PNG IHDR, JPEG
-    SOF marker, GIF logical screen, BMP DIB header, WebP VP8/VP8L/VP8X, TIFF first IFD).
+    SOF marker, GIF logical screen, BMP DIB header, WebP VP8/VP8L/VP8X, TIFF first IFD, AVIF and
+    HEIF `ispe` boxes).
     """
     try:
         if fmt == "png" and data[12:16] == b"IHDR":
@@ -69,6 +81,8 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
             return _webp_size(data)
         if fmt == "tiff":
             return _tiff_size(data)
+        if fmt in ("avif", "heif"):
+            return _ispe_size(data)
     except struct.error:  # the header is cut short: the decoder will say what is wrong
         return None
     return None
@@ -120,6 +134,19 @@ def jpeg_scan_start(data: bytes) -> int | None:
     return None
 
 
+def _ispe_size(data: bytes) -> tuple[int, int] | None:
+    """The largest image size an AVIF/HEIF file's `ispe` (image spatial extents) boxes state.
+
+    Each image item (the picture, its thumbnail, each tile of a grid) has one, in the metadata
+    at the start of the file: the largest is at least the picture's, enough to refuse a bomb.
+    """
+    sizes, pos = [], data.find(b"ispe", 0, 1 << 16)
+    while pos >= 0:  # the box: size, "ispe", version and flags, width, height (4 bytes each)
+        sizes.append(struct.unpack(">II", data[pos + 8:pos + 16]))
+        pos = data.find(b"ispe", pos + 4, 1 << 16)
+    return max(sizes, key=lambda size: size[0] * size[1]) if sizes else None
+
+
 def _webp_size(data: bytes) -> tuple[int, int] | None:
     chunk = data[12:16]
     if chunk == b"VP8 ":  # lossy: 14-bit sizes after the frame tag and start code
@@ -155,6 +182,8 @@ def refusal(data: bytes, fmt: str, max_pixels: int | None, size: tuple[int, int]
         return "empty file (0 bytes)"
     if fmt == "unknown":
         return "not an image (no known image signature in the first bytes)"
+    if fmt == "media":
+        return "not an image (an MP4 or QuickTime video, or other ISO media file)"
     size = (size or header_size(data, fmt)) if max_pixels else None  # no limit: no size to check
     if size and size[0] * size[1] > max_pixels:
         return (f"too large to decode: the {fmt} header says {size[0]}x{size[1]} pixels, "

@@ -117,6 +117,13 @@ CORPUS = {
                      "too large to decode: the png header says 100000x100000 pixels, over the limit of 100000000 "
                      "(ingest.max_pixels)"),
     "cat/flower.gif": (lambda: pil_bytes(Image.open(photo(7)), "GIF"), ("gif", 128, 128, 3, 8, ""), ACCEPTED),
+    # AVIF: found in its ISO media `ftyp` box, size from its `ispe` box, decoded by OpenCV
+    "cat/flower.avif": (lambda: pil_bytes(Image.open(photo(15)), "AVIF"), ("avif", 128, 128, 3, 8, ""), ACCEPTED),
+    # ... and a video in the same kind of file: not an image, and said so
+    "cat/clip.jpg": (lambda: b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(100),
+                     ("media", None, None, None, None,
+                      "not an image (an MP4 or QuickTime video, or other ISO media file)"),
+                     "not an image (an MP4 or QuickTime video, or other ISO media file)"),
     "cat/my photo.jpg": (lambda: photo(8).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
     "cat/fleur-été-花.jpg": (lambda: photo(9).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
     "cat/-rf.jpg": (lambda: photo(10).read_bytes(), ("jpeg", 128, 128, 3, 8, ""), ACCEPTED),
@@ -282,7 +289,7 @@ def test_a_file_too_large_to_be_an_image_is_hashed_as_it_streams_not_read(tmp_pa
     m = run_ingest(tmp_path, root, max_pixels=1000).set_index("path")
     clip = m.loc["cat/clip.jpg"]
     digest = hashlib.sha1(b"\x00\x00\x00\x18ftypmp42" + bytes(limit + 1 - 12)).hexdigest()
-    assert (clip.id, clip.format, clip.bytes, clip.width) == (digest, "unknown", limit + 1, "")
+    assert (clip.id, clip.format, clip.bytes, clip.width) == (digest, "media", limit + 1, "")
     assert clip.error == (f"too large to read: {limit + 1} bytes, more than an image of 1000 pixels "
                           f"(ingest.max_pixels) can take ({limit} bytes)")
     assert m.loc["cat/photo.jpg"].error.startswith("too large to decode")  # read: 128 x 128 is over 1000 pixels
