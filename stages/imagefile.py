@@ -7,6 +7,7 @@ cannot stop a stage.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import NamedTuple
 
@@ -22,7 +23,14 @@ _MAGIC = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jp2"),  # JPEG 2000 file
+    (b"\xff\x4f\xff\x51", "j2k"),  # JPEG 2000 codestream
+    (b"#?RADIANCE", "hdr"),
+    (b"#?RGBE", "hdr"),
+    (b"\x59\xa6\x6a\x95", "ras"),  # Sun raster
 )
+# Netpbm: P1-P6 (PBM, PGM, PPM), P7 (PAM), PF/Pf (PFM), then whitespace
+_PNM = re.compile(rb"P[1-7Ff]\s")
 
 
 # ISO media files (a first box `ftyp`) hold AVIF and HEIF images, and MP4/QuickTime videos: the
@@ -41,6 +49,8 @@ def detect_format(data: bytes) -> str:
             return name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if _PNM.match(data):
+        return "pnm"
     if data[4:8] == b"ftyp":
         end = min(int.from_bytes(data[:4], "big"), len(data), 256)
         brands = {data[8:12]} | {data[i:i + 4] for i in range(16, end - 3, 4)}
@@ -83,6 +93,21 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
             return _tiff_size(data)
         if fmt in ("avif", "heif"):
             return _ispe_size(data)
+        if fmt == "pnm":
+            return _pnm_size(data)
+        if fmt == "jp2":  # the image header box: height, then width
+            pos = data.find(b"ihdr", 0, 4096)
+            return struct.unpack(">II", data[pos + 4:pos + 12])[::-1] if pos >= 0 else None
+        if fmt == "j2k":  # the SIZ segment: the grid's size, less its offset
+            width, height, left, top = struct.unpack(">IIII", data[8:24])
+            return width - left, height - top
+        if fmt == "ras":
+            return struct.unpack(">II", data[4:12])
+        if fmt == "hdr":  # after the header's blank line: "-Y <height> +X <width>" (or another order)
+            found = re.search(rb"\n\n([-+][XY]) (\d+) ([-+][XY]) (\d+)", data[:4096])
+            if found:
+                first, second = int(found[2]), int(found[4])
+                return (second, first) if found[1].endswith(b"Y") else (first, second)
     except struct.error:  # the header is cut short: the decoder will say what is wrong
         return None
     return None
@@ -145,6 +170,16 @@ def _ispe_size(data: bytes) -> tuple[int, int] | None:
         sizes.append(struct.unpack(">II", data[pos + 8:pos + 16]))
         pos = data.find(b"ispe", pos + 4, 1 << 16)
     return max(sizes, key=lambda size: size[0] * size[1]) if sizes else None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    header = data[:1024]
+    if header[1:2] == b"7":  # PAM: WIDTH and HEIGHT lines
+        width, height = re.search(rb"\bWIDTH\s+(\d+)", header), re.search(rb"\bHEIGHT\s+(\d+)", header)
+        return (int(width[1]), int(height[1])) if width and height else None
+    # width and height are the first two numbers after the magic; a comment runs to the line's end
+    numbers = re.match(rb"(?:\s|#[^\n]*\n)*(\d+)(?:\s|#[^\n]*\n)+(\d+)", header[2:])
+    return (int(numbers[1]), int(numbers[2])) if numbers else None
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
@@ -227,6 +262,9 @@ def _imdecode(data: bytes, fmt: str, flags: int) -> Decoded:
     except cv2.error as exc:  # OpenCV raises on some malformed headers instead of returning None
         return Decoded(None, f"cannot decode {fmt}: {str(exc).strip().splitlines()[-1]}")
     if image is None or image.size == 0:
+        if fmt == "heif":  # OpenCV's wheels have no HEIF decoder (AVIF, yes)
+            return Decoded(None, "cannot decode heif (HEIC): no HEIF decoder in this OpenCV, or a damaged file; "
+                                 "convert it to JPEG or PNG")
         return Decoded(None, f"cannot decode {fmt}: truncated or corrupt file")
     return Decoded(image, "")
 

@@ -25,6 +25,37 @@ def test_header_size_matches_the_pixels(fmt, options, mode):
     assert imagefile.header_size(data, imagefile.detect_format(data)) == (53, 37)
 
 
+@pytest.mark.parametrize("extension", [".pgm", ".ppm", ".pbm", ".pam", ".pfm", ".hdr", ".ras", ".jp2", "j2k", "avif"])
+def test_every_format_opencv_decodes_is_found_sized_and_decoded(extension):
+    """Netpbm, Radiance HDR, Sun raster, JPEG 2000 (file and codestream) and AVIF are images too."""
+    image = cv2.imread(str(photo(0)))[:37, :53]
+    if extension in (".pgm", ".pbm"):
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    elif extension in (".pfm", ".hdr"):
+        image = image.astype(np.float32) / 255
+    if extension in ("j2k", "avif"):  # OpenCV writes no JPEG 2000 codestream, PIL does; AVIF from PIL too
+        out = io.BytesIO()
+        Image.fromarray(image[:, :, ::-1]).save(out, "JPEG2000" if extension == "j2k" else "AVIF", no_jp2=True)
+        data = out.getvalue()
+    else:
+        data = cv2.imencode(extension, image)[1].tobytes()
+    fmt = imagefile.detect_format(data)
+    assert fmt == {".pgm": "pnm", ".ppm": "pnm", ".pbm": "pnm", ".pam": "pnm", ".pfm": "pnm"}.get(extension,
+                                                                                                   extension.strip("."))
+    assert imagefile.header_size(data, fmt) == (53, 37)
+    looked = imagefile.look(data, 100_000_000, 256)
+    assert (looked.error, looked.shape[:2]) == ("", (53, 37))
+    assert imagefile.look(data, 53 * 37 - 1, 256).error.startswith(f"too large to decode: the {fmt} header says 53x37")
+
+
+def test_netpbm_headers_with_comments_and_bombs():
+    assert imagefile.header_size(b"P6\n# made by hand\n# twice\n120 # width\n100\n255\n", "pnm") == (120, 100)
+    bomb = b"P4\n100000 100000\n" + bytes(64)  # 1 bit a pixel: 1.25 GB for 64 bytes' worth of claim
+    assert imagefile.look(bomb, 100_000_000, 256).error == (
+        "too large to decode: the pnm header says 100000x100000 pixels, over the limit of 100000000 (ingest.max_pixels)")
+    assert imagefile.detect_format(b"Plain text, not an image") == "unknown"
+
+
 def test_header_size_of_a_cut_header_is_unknown():
     assert imagefile.header_size(b"\x89PNG\r\n\x1a\n\x00\x00", "png") is None
     assert imagefile.header_size(b"\xff\xd8\xff\xe0\x00", "jpeg") is None
@@ -116,3 +147,10 @@ def test_look_without_a_pixel_limit_checks_no_size():
     data = jpeg(cv2.cvtColor(cv2.imread(str(photo(2))), cv2.COLOR_BGR2RGB))
     looked = imagefile.look(data, max_pixels=None, side=256)
     assert looked.error == "" and looked.shape == imagefile.look(data, max_pixels=10**8, side=256).shape
+
+
+def test_heif_is_named_and_the_reason_says_what_to_do():
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)  # an iPhone photo's first box
+    assert imagefile.detect_format(heic) == "heif"
+    assert imagefile.look(heic, 100_000_000, 256).error == (
+        "cannot decode heif (HEIC): no HEIF decoder in this OpenCV, or a damaged file; convert it to JPEG or PNG")
