@@ -56,11 +56,12 @@ _NO_FACTS = [None] * len(image_facts.ImageFacts._fields)
 # streams by, never held in memory.
 BYTES_PER_PIXEL = 8
 EXTRA_BYTES = 64 << 20
+log = logging.getLogger(__name__)
 
 
 def max_file_bytes(max_pixels: int) -> int:
+    """The largest file ingest reads into memory (see BYTES_PER_PIXEL)."""
     return BYTES_PER_PIXEL * max_pixels + EXTRA_BYTES
-log = logging.getLogger(__name__)
 
 
 def describe(data: bytes, max_pixels: int, facts: image_facts.FactsBatch | None = None) -> list:
