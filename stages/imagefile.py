@@ -118,42 +118,41 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return frame[:2] if frame else None
 
 
+# SOF0..SOF15 hold the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SOS = frozenset({0xDA})
+
+
 def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     """(width, height, components, bits per sample) from a JPEG's frame header; None if not found."""
-    pos = 2  # after the SOI marker
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker == 0xDA:  # start of scan: the frame header should have come before
-            return None
-        # SOF0..SOF15 hold the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            precision, height, width, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
-            return width, height, components, precision
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return None
+    pos = _jpeg_segment(data, _SOF)
+    if pos is None:
+        return None
+    precision, height, width, components = struct.unpack(">BHHB", data[pos + 4:pos + 10])
+    return width, height, components, precision
 
 
 def jpeg_scan_start(data: bytes) -> int | None:
-    """Where a JPEG's first start-of-scan marker is, walking the segments before it; None if not found."""
+    """Where a JPEG's first start-of-scan marker is; None if not found."""
+    return _jpeg_segment(data, _SOS)
+
+
+def _jpeg_segment(data: bytes, markers: frozenset) -> int | None:
+    """Where the first segment with one of `markers` starts, walking the segments from the start of
+    the file up to the first scan (the frame header comes before it); None if not found."""
     pos = 2  # after the SOI marker
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
-        if marker == 0xDA:
+        if marker in markers:
             return pos
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
+        elif marker == 0xDA:  # start of scan: what comes next is compressed data
+            return None
         else:
             pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
     return None

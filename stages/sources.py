@@ -268,15 +268,11 @@ def read_file(root: str | Path, path: str, limit: int | None = None) -> bytes:
     more than `limit` bytes."""
     # os.read on a descriptor: half the cost of open().read() (no file object, no buffer), which
     # counts when the file is a 3 KB thumbnail read once per image
-    # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, forever
-    fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
+    fd, size = _open_regular(root, path)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # a pipe has no end, a device may have none
-            raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
-        if limit is not None and info.st_size > limit:
-            raise TooLarge(info.st_size, limit)
-        chunks = [os.read(fd, info.st_size)]
+        if limit is not None and size > limit:
+            raise TooLarge(size, limit)
+        chunks = [os.read(fd, size)]
         while chunk := os.read(fd, 1 << 20):  # to the end: the file may have grown, or be over 2 GB
             chunks.append(chunk)
     finally:
@@ -287,10 +283,8 @@ def read_file(root: str | Path, path: str, limit: int | None = None) -> bytes:
 def hash_file(root: str | Path, path: str) -> tuple[str, bytes, int]:
     """(sha1 hex digest, first 64 bytes, size) of a file, read 1 MB at a time: never all in memory."""
     digest, head, size = hashlib.sha1(), b"", 0
-    fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
+    fd, _ = _open_regular(root, path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
         while chunk := os.read(fd, 1 << 20):
             head = head or chunk[:64]
             digest.update(chunk)
@@ -298,6 +292,17 @@ def hash_file(root: str | Path, path: str) -> tuple[str, bytes, int]:
     finally:
         os.close(fd)
     return digest.hexdigest(), head, size
+
+
+def _open_regular(root: str | Path, path: str) -> tuple[int, int]:
+    """A descriptor open for reading on a regular file, and its size; OSError for anything else."""
+    # O_NONBLOCK: opening a named pipe would otherwise wait for a writer, forever
+    fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # a pipe has no end, a device may have none
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a folder, named pipe, socket or device)")
+    return fd, info.st_size
 
 
 def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:
