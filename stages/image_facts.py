@@ -113,14 +113,9 @@ def phash_pairs(smalls: np.ndarray) -> list[tuple[str, str]]:
     return [(digits[i:i + 16], digits[i + 16:i + 32]) for i in range(0, 32 * count, 32)]
 
 
-def phashes(grey: np.ndarray) -> tuple[str, str]:
-    """The 64-bit DCT perceptual hash of an 8-bit grey image and of its mirror image, as 16 hex digits each."""
-    return phash_pairs(hash_input(grey)[None])[0]
-
-
 def phash(grey: np.ndarray) -> str:
     """The 64-bit DCT perceptual hash of an 8-bit grey image, as 16 hex digits."""
-    return phashes(grey)[0]
+    return phash_pairs(hash_input(grey)[None])[0][0]
 
 
 def laplacian_variance(grey: np.ndarray) -> float:
