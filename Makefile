@@ -20,10 +20,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	# the project itself, editable, on top of the lock: the `imgpipe` command, and importable anywhere
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
 # Offline ImageNet weights: Keras looks for this exact file name in $KERAS_HOME/models/.
@@ -35,7 +37,7 @@ weights:
 
 # The default raw data: Fashion-MNIST, verified by sha256, then versioned by DVC.
 data: install
-	$(BIN)/python -m stages.fetch fashion-mnist data/raw/fashion-mnist
+	$(BIN)/imgpipe fetch fashion-mnist data/raw/fashion-mnist
 	$(BIN)/dvc add --quiet data/raw/fashion-mnist
 
 run: install weights data

@@ -25,7 +25,8 @@ os.environ.update({k: workspace.environment()[k] for k in ("KERAS_HOME", "TF_CPP
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from stages import model_io, shards  # noqa: E402
+from imgpipe.model import loading as model_io  # noqa: E402
+from imgpipe.model import shards  # noqa: E402
 
 WEIGHTS = str(workspace.WEIGHTS)  # the offline MobileNet 0.25 file, for sizes Keras has no other file for
 HEAD = {"backbone_size": 160, "weights": WEIGHTS, "epochs": 40, "learning_rate": 0.003, "dropout": 0.5}

@@ -31,16 +31,18 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from stages import shards, train  # noqa: E402
-from stages.model import build, compile_for_training  # noqa: E402
-from stages.params import Params, params_from_dict  # noqa: E402
+from imgpipe.model import shards  # noqa: E402
+from imgpipe.model import training  # noqa: E402
+from imgpipe.model.builder import build, compile_for_training  # noqa: E402
+from imgpipe.core.params import Params, params_from_dict  # noqa: E402
 
 
 def params_for(folder: Path, **train_params) -> Params:
     """The workspace's params with absolute paths and `train_params` applied."""
     data = yaml.safe_load((folder / "params.yaml").read_text())
     data["paths"] = {k: str(folder / v) for k, v in data["paths"].items()}
-    data["train"].update(train_params, cache_dir=str(folder / ".cache" / "train"))
+    data["train"].update(train_params)
+    data["runtime"] = {**data.get("runtime", {}), "train_cache_dir": str(folder / ".cache" / "train")}
     return params_from_dict(data)
 
 
@@ -112,17 +114,17 @@ def streaming(args) -> None:
         params = params_for(folder, embedding_cache=False, **settings)
         shard_folder = Path(params.paths.shards)
         meta = shards.read_meta(shard_folder)
-        _, copies = train.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
+        _, copies = training.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
         x, y = in_memory(shard_folder, meta)
         times = {"memory": [], "stream": [], "stream-nondeterministic": []}
         for _ in range(args.rounds):  # interleaved, so that a burst of load elsewhere hits all alike
             times["memory"] += fit_epochs(params, meta, x, args.epochs, y=y, batch_size=params.train.batch_size,
                                           shuffle=True)
-            times["stream"] += fit_epochs(params, meta, train.training_dataset(shard_folder, meta, copies, params.train,
+            times["stream"] += fit_epochs(params, meta, training.training_dataset(shard_folder, meta, copies, params.train,
                                                                                params.base.seed), args.epochs)
             fast = params_for(folder, embedding_cache=False, deterministic=False, **settings)
             times["stream-nondeterministic"] += fit_epochs(
-                params, meta, train.training_dataset(shard_folder, meta, copies, fast.train, params.base.seed),
+                params, meta, training.training_dataset(shard_folder, meta, copies, fast.train, params.base.seed),
                 args.epochs)
         median = medians(times)
         report(benchmark="streaming", data=args.data, model=name, images=len(y), epochs_timed=len(times["memory"]),
@@ -164,7 +166,7 @@ def seed(args) -> None:
     params = params_for(folder, embedding_cache=False, **settings)
     shard_folder = Path(params.paths.shards)
     meta = shards.read_meta(shard_folder)
-    _, copies = train.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
+    _, copies = training.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
     x, y = in_memory(shard_folder, meta)
     csv_folder = folder / "csv"
     if not (csv_folder / ".done").exists():
@@ -179,7 +181,7 @@ def seed(args) -> None:
         return CsvBatches(files, y, params.train.batch_size, shape)
 
     def stream():
-        return train.training_dataset(shard_folder, meta, copies, params.train, params.base.seed)
+        return training.training_dataset(shard_folder, meta, copies, params.train, params.base.seed)
 
     def read_all(batches) -> float:
         start = time.perf_counter()
@@ -248,10 +250,10 @@ def memory_child(args) -> None:
     params = params_for(Path(args.folder), embedding_cache=False, shuffle_buffer=args.shuffle_buffer)
     shard_folder = Path(params.paths.shards)
     meta = shards.read_meta(shard_folder)
-    _, copies = train.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
+    _, copies = training.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
     start = time.perf_counter()
     if args.how == "stream":
-        fit_epochs(params, meta, train.training_dataset(shard_folder, meta, copies, params.train, 0), 1)
+        fit_epochs(params, meta, training.training_dataset(shard_folder, meta, copies, params.train, 0), 1)
     else:
         x, y = in_memory(shard_folder, meta)
         fit_epochs(params, meta, x, 1, y=y, batch_size=params.train.batch_size, shuffle=True)

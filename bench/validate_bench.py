@@ -103,43 +103,44 @@ def child_bare(source: Path, workers: int, grey: bool = False) -> dict:
 
     import cv2
 
-    from stages import ingest
+    from imgpipe.data import ingestion
 
     files = [str(p) for p in sorted(source.glob("*/*.jpg"))]
     cv2.setNumThreads(1)  # as ingest does for its workers
     decode = functools.partial(_decode, flags=cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_UNCHANGED)
     started, cpu = time.perf_counter(), cpu_seconds()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for _ in pool.imap(decode, files, chunksize=ingest.CHUNKSIZE):
+        for _ in pool.imap(decode, files, chunksize=ingestion.CHUNKSIZE):
             pass
     return {"images": len(files), "seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu}
 
 
 def child_ingest(folder: Path) -> dict:
     from stages import ingest
-    from stages.params import load_params
+    from imgpipe.core.params import load_params
 
     params = load_params(folder / "params.yaml")
     started, cpu = time.perf_counter(), cpu_seconds()
-    ingest.run(params)
+    ingest.run(params.ingest, params.paths, params.runtime)
     return {"seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu,
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def child_validate(folder: Path) -> dict:
+    from imgpipe.data import validation
     from stages import validate
-    from stages.cli import StageError
-    from stages.params import load_params
+    from imgpipe.core.errors import StageError
+    from imgpipe.core.params import load_params
 
     params = load_params(folder / "params.yaml")
     started, cpu = time.perf_counter(), cpu_seconds()
-    result = validate.triage(validate.read_manifest(params.paths.manifest), params.validate)
+    result = validation.triage(validation.read_manifest(params.paths.manifest), params.validate)
     per_image, per_image_cpu = time.perf_counter() - started, cpu_seconds() - cpu
     accepted, groups = len(result.accepted), len(result.groups)
     del result  # the stage reads and triages the manifest again: one copy at a time, as under DVC
     started = time.perf_counter()
     try:
-        validate.run(params)
+        validate.run(params.validate, params.paths, params.ingest)
     except StageError as exc:  # a failed gate is a result, not a benchmark failure
         print(f"validate gate: {str(exc).splitlines()[0]}", file=sys.stderr)
     return {"per_image_seconds": per_image, "per_image_cpu": per_image_cpu,
@@ -177,13 +178,13 @@ def logging_off() -> None:
 # --- the benchmark ---------------------------------------------------------------------------
 
 def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
-    from stages.ingest import available_cores
+    from imgpipe.data.ingestion import available_cores
 
     folder.mkdir(parents=True, exist_ok=True)
     workspace.write_params(folder, {
         "ingest.source": str(source), "paths.manifest": str(folder / "manifest.csv"),
         "paths.accepted": str(folder / "accepted.csv"), "paths.data_quality": str(folder / "data_quality"),
-        "ingest.cache_dir": ""})  # every run a first run: the facts cache is measured apart
+        "runtime.ingest_cache_dir": ""})  # every run a first run: the facts cache is measured apart
     workers = available_cores()
     measure("bare", str(source), str(workers))  # warm-up: the files in the page cache for both
     runs = []
@@ -210,14 +211,14 @@ def growth(source: Path, folder: Path, repeats: int) -> dict:
     """Ingest re-runs with the facts cache: first runs fill it (each its own empty cache; the
     median is reported), then each repeat adds 1% new files (as a growing data set does between
     two `dvc repro`) and runs ingest again, next to a bare decode of the whole set."""
-    from stages.ingest import available_cores
+    from imgpipe.data.ingestion import available_cores
 
     folder.mkdir(parents=True, exist_ok=True)
     workers = available_cores()
     firsts = []
     for i in range(repeats):  # the last one's cache is the one the re-runs use
         workspace.write_params(folder, {"ingest.source": str(source), "paths.manifest": str(folder / "manifest.csv"),
-                                        "ingest.cache_dir": str(folder / f"cache-{i}")})
+                                        "runtime.ingest_cache_dir": str(folder / f"cache-{i}")})
         firsts.append(measure("ingest", str(folder)))
     first = {"seconds": statistics.median(f["seconds"] for f in firsts)}
     runs = []
@@ -275,7 +276,7 @@ def near_duplicate_scaling(k: int = 4) -> list[dict]:
     """Seconds to group n random 64-bit hashes plus n/10 copies of them with up to k bits flipped."""
     import numpy as np
 
-    from stages import near_duplicates
+    from imgpipe.data import near_duplicates
 
     rows = []
     for n in (10_000, 100_000, 1_000_000):

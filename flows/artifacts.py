@@ -17,7 +17,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from stages.params import load_params
+from imgpipe.core.params import load_params
 
 DATA_QUALITY_KEY = "data-quality"
 METRICS_KEY = "metrics"
@@ -138,7 +138,7 @@ def publish_data_quality(repo: str) -> UUID | None:
 def publish_metrics(repo: str) -> UUID | None:
     """The metrics artifact of the repository at `repo`, if evaluate has written metrics.json."""
     # imported here: the report module pulls in OpenCV and matplotlib, for two names
-    from stages.report import FOLDER, INDEX
+    from imgpipe.reports.evaluation import FOLDER, INDEX
 
     reports = Path(repo) / load_params(Path(repo) / "params.yaml").paths.reports
     metrics = _read_json(reports / "metrics.json")

@@ -23,9 +23,9 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
-from stages import shards
-from stages.cli import StageError
-from stages.params import load_params
+from imgpipe.model import shards
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import load_params
 
 # One thread per worker process: TensorFlow decodes in its own threads, and two busy processes
 # already fill this project's 2-core machines.

@@ -14,94 +14,26 @@ classes are mixed within every shard); the same inputs and params give the same 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import imagefile, shards
-from stages.atomic import atomic_dir, write_json
-from stages.cli import StageError, stage_main
-from stages.params import Params, Preprocess
-from stages.sources import Source
+from imgpipe.images import formats as imagefile
+from imgpipe.model import shards
+from imgpipe.core.atomic_write import atomic_dir, write_json
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Ingest, Paths, Preprocess
+from imgpipe.core.runner import stage_main
+from imgpipe.data.sources import Source
+from imgpipe.images.transforms import ChannelStats, normalize, transform
 
 SPLITS = ("train", "val", "test")
+# the params sections `run` takes, in order (imgpipe/core/runner.py)
+SECTIONS = ("preprocess", "paths", "ingest")
 log = logging.getLogger(__name__)
-
-
-# -- the pure core ---------------------------------------------------------------------------
-
-
-def to_colour(image: np.ndarray, mode: str) -> np.ndarray:
-    """8-bit grey (H x W x 1) or RGB (H x W x 3) from any decoded image (OpenCV BGR/BGRA order)."""
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)  # 65535 -> 255, exactly
-    elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels == 1:
-        grey = image.reshape(image.shape[:2])
-        out = grey if mode == "grey" else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
-    else:
-        code = {("grey", 3): cv2.COLOR_BGR2GRAY, ("grey", 4): cv2.COLOR_BGRA2GRAY,
-                ("rgb", 3): cv2.COLOR_BGR2RGB, ("rgb", 4): cv2.COLOR_BGRA2RGB}[(mode, channels)]
-        out = cv2.cvtColor(image, code)
-    return out.reshape(out.shape[0], out.shape[1], -1)
-
-
-def transform(image: np.ndarray, p: Preprocess) -> np.ndarray:
-    """Colour, blur, Otsu and resize: uint8 H x W x C at `p.size` (before normalisation)."""
-    x = to_colour(image, p.colour_mode)
-    channels = x.shape[2]
-    if p.blur_kernel:
-        x = cv2.GaussianBlur(x, (p.blur_kernel, p.blur_kernel), 0)
-    if p.otsu:
-        _, x = cv2.threshold(x.reshape(x.shape[:2]), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    height, width = p.size
-    shrinking = x.shape[0] > height or x.shape[1] > width
-    x = cv2.resize(x, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return x.reshape(height, width, channels)
-
-
-def normalize(x: np.ndarray, p: Preprocess, mean=None, std=None) -> np.ndarray:
-    """float32 pixels in the configured scale; `mean`/`std` are per channel (dataset scope)."""
-    x = x.astype(np.float32)
-    if p.normalization == "unit":
-        return x / 255.0
-    if p.normalization == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-        return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    if p.normalization == "standardize":
-        if p.standardize_scope == "sample":
-            # floor the std as tf.image.per_image_standardization does, so flat images stay finite
-            return (x - x.mean()) / max(float(x.std()), 1.0 / np.sqrt(x.size))
-        return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return x
-
-
-class ChannelStats:
-    """Streaming per-channel mean and std (sums in float64: exact enough for millions of images)."""
-
-    def __init__(self, channels: int):
-        self.n = 0
-        self.total = np.zeros(channels)
-        self.total_sq = np.zeros(channels)
-
-    def add(self, x: np.ndarray) -> None:
-        flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        self.n += flat.shape[0]
-        self.total += flat.sum(axis=0)
-        self.total_sq += np.square(flat).sum(axis=0)
-
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        mean = self.total / self.n
-        std = np.sqrt(np.maximum(self.total_sq / self.n - np.square(mean), 0.0))
-        return mean.tolist(), np.maximum(std, 1e-6).tolist()
-
-
-# -- I/O -------------------------------------------------------------------------------------
 
 
 def load(source: Source, row) -> np.ndarray:
@@ -118,20 +50,19 @@ def images(source: Source, rows: pd.DataFrame, p: Preprocess, desc: str):
         yield row, transform(load(source, row), p)
 
 
-def run(params: Params) -> None:
-    p = params.preprocess
+def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
     try:
-        frame = pd.read_csv(params.paths.split, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(paths.split, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise StageError(f"{params.paths.split} not found; run the split stage first") from None
+        raise StageError(f"{paths.split} not found; run the split stage first") from None
     classes = sorted(frame["label"].unique())
     index = {c: i for i, c in enumerate(classes)}
     channels = 1 if p.colour_mode == "grey" else 3
     by_split = {s: frame[frame["split"] == s].sort_values("id") for s in SPLITS}
     if by_split["train"].empty:
-        raise StageError(f"{params.paths.split} has no training images")
+        raise StageError(f"{paths.split} has no training images")
 
-    with Source(params.ingest.source, params.ingest.layout, params.ingest.labels_csv) as source:
+    with Source.from_params(ingest) as source:
         mean = std = None
         if p.normalization == "standardize" and p.standardize_scope == "dataset":
             stats = ChannelStats(channels)
@@ -140,7 +71,7 @@ def run(params: Params) -> None:
             mean, std = stats.mean_std()
             log.info("train mean %s, std %s", mean, std)
 
-        with atomic_dir(params.paths.shards) as out:
+        with atomic_dir(paths.shards) as out:
             files, counts, class_counts = {}, {}, {}
             for split in SPLITS:
                 rows = by_split[split]
@@ -155,11 +86,13 @@ def run(params: Params) -> None:
                 "classes": classes, "counts": counts, "class_counts": class_counts, "files": files,
                 "colour_mode": p.colour_mode, "normalization": p.normalization,
                 "standardize_scope": p.standardize_scope, "mean": mean, "std": std, "size": list(p.size),
+                # every param that decides the pixels, for the export and the feature cache's key
+                "preprocess": shards.pixel_params(p),
             })
 
 
 def main(argv=None) -> int:
-    return stage_main("preprocess", run, argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -16,49 +16,35 @@ Only metadata is read: no pixels, and shards are not rewritten.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from stages.atomic import atomic_dir, write_json
-from stages.cli import StageError, stage_main
-from stages.params import Params
+from imgpipe.core.atomic_write import atomic_dir, write_json
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Paths, Rebalance
+from imgpipe.core.runner import stage_main
+from imgpipe.data.rebalancing import class_weights, copies
 
+# the params sections `run` takes, in order (imgpipe/core/runner.py)
+SECTIONS = ("rebalance", "paths")
 log = logging.getLogger(__name__)
 
 
-def copies(train: pd.DataFrame, method: str) -> pd.Series:
-    """Copies per training image (index aligned with `train`): the pure core of the stage."""
-    counts = train["label"].value_counts()
-    if method in ("none", "class_weight") or train.empty:
-        return pd.Series(1, index=train.index)
-    target = int(counts.max() if method == "oversample" else counts.min())
-    rank = train.sort_values("id").groupby("label").cumcount().reindex(train.index)
-    n = train["label"].map(counts)
-    if method == "oversample":
-        return (target // n + (rank < target % n)).astype(int)
-    return (rank < target).astype(int)
-
-
-def class_weights(train: pd.DataFrame) -> dict[str, float]:
-    counts = train["label"].value_counts()
-    total, k = int(counts.sum()), len(counts)
-    return {label: round(total / (k * int(n)), 6) for label, n in sorted(counts.items())}
-
-
-def run(params: Params) -> None:
-    method = params.rebalance.method
+def run(p: Rebalance, paths: Paths) -> None:
+    method = p.method
     try:
-        frame = pd.read_csv(params.paths.split, dtype=str, keep_default_na=False, usecols=["id", "label", "split"])
+        frame = pd.read_csv(paths.split, dtype=str, keep_default_na=False, usecols=["id", "label", "split"])
     except FileNotFoundError:
-        raise StageError(f"{params.paths.split} not found; run the split stage first") from None
+        raise StageError(f"{paths.split} not found; run the split stage first") from None
     train = frame[frame["split"] == "train"].sort_values("id").reset_index(drop=True)
     if train.empty:
-        raise StageError(f"{params.paths.split} has no training images")
+        raise StageError(f"{paths.split} has no training images")
     train["copies"] = copies(train, method)
     before = train["label"].value_counts().sort_index()
     after = train.groupby("label")["copies"].sum().sort_index()
-    with atomic_dir(params.paths.rebalance) as out:
+    with atomic_dir(paths.rebalance) as out:
         train[["id", "label", "copies"]].to_csv(Path(out) / "copies.csv", index=False, lineterminator="\n")
         write_json(Path(out) / "plan.json", {
             "method": method,
@@ -70,7 +56,7 @@ def run(params: Params) -> None:
 
 
 def main(argv=None) -> int:
-    return stage_main("rebalance", run, argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

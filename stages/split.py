@@ -32,129 +32,37 @@ Output: `paths.split`, the accepted manifest plus `bucket` and `split` columns.
 from __future__ import annotations
 
 import logging
+import sys
 
-import numpy as np
 import pandas as pd
 
-from stages.atomic import write_csv
-from stages.cli import StageError, stage_main
-from stages.params import Params, Split
+from imgpipe.core.atomic_write import write_csv
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Paths, Split
+from imgpipe.core.runner import stage_main
+from imgpipe.data.splitting import assign
 
+# the params sections `run` takes, in order (imgpipe/core/runner.py)
+SECTIONS = ("split", "paths")
 log = logging.getLogger(__name__)
 
 
-def bucket(image_id: str) -> int:
-    """The hash bucket of an image: the last byte of its sha1."""
-    return int(image_id[-2:], 16)
-
-
-def _in(buckets: pd.Series, bounds: tuple[int, int]) -> pd.Series:
-    return buckets.between(bounds[0], bounds[1])
-
-
-def hash_assign(buckets: pd.Series, p: Split) -> pd.Series:
-    out = pd.Series("train", index=buckets.index, dtype=object)
-    out[_in(buckets, p.val_buckets)] = "val"
-    out[_in(buckets, p.test_buckets)] = "test"
-    return out
-
-
-def source_assign(frame: pd.DataFrame, buckets: pd.Series, p: Split) -> pd.Series:
-    given = frame["source_split"].fillna("")
-    missing = frame.loc[given == "", "path"]
-    if len(missing):
-        raise StageError(
-            f"split.method source needs the split each image came with, but {len(missing)} images have none "
-            f"(e.g. {missing.iloc[0]}); use split.method: hash for this source"
-        )
-    out = given.astype(object).copy()
-    if not (given == "val").any():  # no validation split in the source: carve one from train by hash
-        out[(given == "train") & _in(buckets, p.val_buckets)] = "val"
-    return out
-
-
-def keep_first(frame: pd.DataFrame, mask: pd.Series, per_class: int | pd.Series, order: pd.Series) -> pd.Series:
-    """Of the rows in `mask`, which are among the first `per_class` of their class in `order`."""
-    rank = frame.loc[order[mask].sort_values().index].groupby("label").cumcount()
-    limit = per_class if np.isscalar(per_class) else frame.loc[rank.index, "label"].map(per_class)
-    keep = pd.Series(False, index=frame.index)
-    keep[rank.index] = rank < limit
-    return keep
-
-
-def balance(frame: pd.DataFrame, split: pd.Series, name: str, classes: list[str], order: pd.Series) -> pd.Series:
-    """Trim split `name` to the same count per class; the surplus goes to train."""
-    mask = split == name
-    counts = frame.loc[mask, "label"].value_counts().reindex(classes, fill_value=0)
-    smallest = int(counts.min()) if len(counts) else 0
-    if smallest == 0:
-        empty = counts[counts == 0].index.tolist()
-        log.warning("not balancing %s: classes %s have no image there", name, empty)
-        return split
-    keep = keep_first(frame, mask, smallest, order)
-    split = split.copy()
-    split[mask & ~keep] = "train"
-    return split
-
-
-def cap(frame: pd.DataFrame, split: pd.Series, name: str, limit: int, order: pd.Series) -> pd.Series:
-    if limit <= 0:
-        return split
-    mask = split == name
-    keep = keep_first(frame, mask, limit, order)
-    split = split.copy()
-    split[mask & ~keep] = "unused"
-    return split
-
-
-def keep_groups_together(split: pd.Series, keys: pd.Series, order: pd.Series) -> pd.Series:
-    """Every row takes the split of the first row in `order` with the same key."""
-    rows = pd.DataFrame({"key": keys, "split": split}).loc[order.sort_values().index]
-    return rows.groupby("key")["split"].transform("first").reindex(split.index)
-
-
-def assign(frame: pd.DataFrame, p: Split) -> pd.DataFrame:
-    """The accepted manifest with `bucket` and `split` columns: the pure core of the stage."""
-    out = frame.reset_index(drop=True)
-    # an accepted list without groups (written by hand, say) splits image by image
-    group = out["group"] if "group" in out.columns else out["id"]
-    out["bucket"] = group.map(bucket)
-    # Balancing and caps keep images in this order: lowest ids first, as before, except that a
-    # group's members come together, right after its name (its smallest id). A cut then falls
-    # inside one group at most, and that group follows its first member.
-    order = group + out["id"]
-    classes = sorted(out["label"].unique())
-    if p.method == "hash":
-        split, by_hash = hash_assign(out["bucket"], p), ["val", "test"]
-    else:
-        split = source_assign(out, out["bucket"], p)
-        by_hash = [] if (out["source_split"] == "val").any() else ["val"]
-    if p.balance:
-        for name in by_hash:
-            split = balance(out, split, name, classes, order)
-    split = cap(out, split, "train", p.max_train_per_class, order)
-    split = cap(out, split, "val", p.max_val_per_class, order)
-    keys = group if p.method == "hash" else group + "/" + out["source_split"]
-    out["split"] = keep_groups_together(split, keys, order)
-    return out
-
-
-def run(params: Params) -> None:
+def run(p: Split, paths: Paths) -> None:
     try:
-        frame = pd.read_csv(params.paths.accepted, keep_default_na=False,
+        frame = pd.read_csv(paths.accepted, keep_default_na=False,
                             dtype={"id": str, "label": str, "path": str, "source_split": str, "group": str})
     except FileNotFoundError:
-        raise StageError(f"{params.paths.accepted} not found; run the validate stage first") from None
+        raise StageError(f"{paths.accepted} not found; run the validate stage first") from None
     if frame.empty:
-        raise StageError(f"{params.paths.accepted} lists no accepted images")
-    out = assign(frame, params.split)
-    write_csv(params.paths.split, out)
+        raise StageError(f"{paths.accepted} lists no accepted images")
+    out = assign(frame, p)
+    write_csv(paths.split, out)
     table = out.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("images per split and class:\n%s", table.to_string())
 
 
 def main(argv=None) -> int:
-    return stage_main("split", run, argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

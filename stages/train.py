@@ -24,406 +24,50 @@ finished epoch; a finished run deletes the folder.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
-import math
-import os
+import sys
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from stages import backbones, embeddings, shards
-from stages.atomic import atomic_path, write_json
-from stages.cli import StageError, stage_main
-from stages.model import Classifier, build, compile_for_training
-from stages.params import Params, Train
+from imgpipe.model import shards
+from imgpipe.core.atomic_write import atomic_path
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Base, Paths, Runtime, Train
+from imgpipe.core.runner import stage_main
+from imgpipe.model.training import TRAIN_LOG, exclusive, read_rebalance, run_fingerprint, save_model, train_phases
 
+# the params sections `run` takes, in order (imgpipe/core/runner.py)
+SECTIONS = ("train", "paths", "base", "runtime")
 log = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.csv"
-LOG_COLUMNS = ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate", "phase"]
-# the modules whose code shapes a run: a resumed run must be the same program
-CODE = ("train.py", "model.py", "backbones.py", "augment.py", "embeddings.py", "shards.py")
 
-
-# -- inputs -----------------------------------------------------------------------------------
-
-
-def class_weight_by_index(plan: dict, classes: list[str]) -> dict[int, float] | None:
-    """The plan's {class name: weight} as the {label index: weight} Keras wants, or None without class weights.
-
-    A class the plan does not weigh (it had no training images) keeps weight 1.
-    """
-    if plan.get("method") != "class_weight":
-        return None
-    weights = plan.get("class_weight")
-    if not weights:
-        raise StageError("rebalance plan.json: method is class_weight but it holds no class_weight")
-    unknown = sorted(set(weights) - set(classes))
-    if unknown:
-        raise StageError(f"rebalance plan.json weighs classes the shards do not have: {', '.join(unknown)}; re-run rebalance")
-    return {index: float(weights.get(name, 1.0)) for index, name in enumerate(classes)}
-
-
-def read_rebalance(folder: Path, num_train: int) -> tuple[dict, dict[str, int]]:
-    """plan.json and copies.csv ({image id: copies per epoch}) of the rebalance stage."""
-    plan_path, copies_path = folder / "plan.json", folder / "copies.csv"
-    for path in (plan_path, copies_path):
-        if not path.is_file():
-            raise StageError(f"{path}: not found; run the rebalance stage first")
-    plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    with copies_path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"id", "copies"} <= set(rows[0]):
-        raise StageError(f"{copies_path}: needs the columns id and copies")
-    copies = {}
-    for line, row in enumerate(rows, start=2):
-        if not (row["copies"] or "").isdigit():
-            raise StageError(f"{copies_path}, line {line}: copies must be a whole number >= 0, got {row['copies']!r}")
-        copies[row["id"]] = int(row["copies"])
-    # Both stages list the same training images; a mismatch means one of them is stale.
-    if len(copies) != num_train:
-        raise StageError(
-            f"{copies_path} lists {len(copies)} training images but the shards hold {num_train}; "
-            "re-run preprocess and rebalance (dvc repro)"
-        )
-    return plan, copies
-
-
-def training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Train, seed: int) -> tf.data.Dataset:
-    """Batches of (image, label) for one epoch: each image `copies` times, shuffled.
-
-    Serialized records are repeated and shuffled (float16 bytes: half the buffer memory of
-    decoded images), then parsed a whole batch at a time.
-    """
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(list(copies), tf.string), tf.constant(list(copies.values()), tf.int64)
-        ),
-        # an image copies.csv does not list is dropped, and then caught by the length check below
-        default_value=tf.constant(0, tf.int64),
-    )
-    ids_of = shards.parse_batch(meta, ("id",))
-    ds = shards.records(folder, "train", meta, train.deterministic, shuffle_seed=seed)
-    ds = ds.batch(128).map(lambda batch: tf.repeat(batch, table.lookup(ids_of(batch)["id"]))).unbatch()
-    # Repeating makes the length unknown to tf.data; stating it lets Keras count the steps of
-    # an epoch, and the epoch fails loudly if the shards and copies.csv disagree about the images.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(sum(copies.values())))
-    # A new order every epoch, the same sequence of orders in every run with this seed. Copies
-    # of one image arrive together, so the buffer also spreads them apart.
-    ds = ds.shuffle(train.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return _image_batches(ds, meta, train.batch_size, train.deterministic)
-
-
-def validation_dataset(folder: Path, meta: dict, batch_size: int, deterministic: bool = True) -> tf.data.Dataset:
-    ds = shards.records(folder, "val", meta, deterministic)
-    return _image_batches(ds.apply(tf.data.experimental.assert_cardinality(meta["counts"]["val"])), meta, batch_size,
-                          deterministic)
-
-
-def _image_batches(ds: tf.data.Dataset, meta: dict, batch_size: int, deterministic: bool) -> tf.data.Dataset:
-    parse = shards.parse_batch(meta, ("image", "label"))
-
-    def image_and_label(batch):
-        ex = parse(batch)
-        return ex["image"], ex["label"]
-
-    options = tf.data.Options()
-    options.deterministic = deterministic  # False: parallel steps may deliver out of order (faster)
-    ds = ds.batch(batch_size).map(image_and_label, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def cached_datasets(clf: Classifier, params: Params, meta: dict, copies: dict[str, int]):
-    """(train, val) batches of (features, label) from the embedding cache, filling it first."""
-    train, folder = params.train, Path(params.paths.shards)
-    splits = ("train", "val") if meta["counts"].get("val") else ("train",)
-    ids = {split: shards.ids_and_labels(folder, split, meta) for split in splits}
-    description = {
-        "backbone": train.backbone, "alpha": train.alpha, "weights": train.weights, "hub_handle": train.hub_handle,
-        "hub_endpoint": train.hub_endpoint, "backbone_size": train.backbone_size,
-        "dtype_policy": clf.extractor.dtype_policy.name, "keras": keras.__version__,
-        "preprocess": dataclasses.asdict(params.preprocess),
-        "shards": {k: meta.get(k) for k in ("height", "width", "channels", "normalization", "mean", "std")},
-    }
-    key = embeddings.cache_key(clf.extractor.get_weights(), description)
-    path = Path(train.cache_dir) / "embeddings" / f"{key}.npy"
-    every_id = np.concatenate([split_ids for split_ids, _ in ids.values()])
-    cache = embeddings.update(path, clf.extractor, folder, meta, splits, every_id, train.batch_size)
-    embeddings.describe(key, description, path)
-
-    train_ids, train_labels = ids["train"]
-    times = np.array([copies.get(i.decode(), 0) for i in train_ids])
-    if times.sum() != sum(copies.values()):
-        raise StageError(f"{params.paths.rebalance}/copies.csv and the shards list different training images; "
-                         "re-run preprocess and rebalance (dvc repro)")
-    rows = np.repeat(cache.rows(train_ids), times)
-    train_ds = embeddings.head_dataset(cache, rows, np.repeat(train_labels, times), train.batch_size, params.base.seed)
-    val_ds = None
-    if "val" in ids:
-        val_ids, val_labels = ids["val"]
-        val_ds = embeddings.head_dataset(cache, cache.rows(val_ids), val_labels, train.batch_size)
-    return train_ds, val_ds
-
-
-# -- the run's state: resume, best epoch, log -------------------------------------------------
-
-
-def run_fingerprint(params: Params) -> str:
-    """sha1 of everything that makes a training run what it is (cache_dir aside: where is not what).
-
-    A killed run resumes only when this is unchanged: same params, shards, rebalance plan and code.
-    """
-    rebalance = Path(params.paths.rebalance)
-    parts = {
-        "train": {k: v for k, v in dataclasses.asdict(params.train).items() if k != "cache_dir"},
-        "seed": params.base.seed,
-        "preprocess": dataclasses.asdict(params.preprocess),
-        "versions": [tf.__version__, keras.__version__],
-    }
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode())
-    # the shards: their metadata and each file's size and time, not their bytes (cheap on any data set)
-    digest.update(shards.stamp(params.paths.shards).encode())
-    here = Path(__file__).parent
-    for path in [rebalance / "plan.json", rebalance / "copies.csv", *(here / name for name in CODE)]:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-class EpochLog(keras.callbacks.Callback):
-    """Writes each epoch's row into the run's log, and one log line (Keras' progress bars are
-    noise in a DVC or Prefect log).
-
-    The whole file is rewritten (atomically) keeping the rows of earlier epochs only: when a
-    resumed run repeats an epoch that finished but was not backed up, its row is replaced.
-    """
-
-    def __init__(self, path: Path, phase: str, last_epoch: int):
-        super().__init__()
-        self.path, self.phase, self.last_epoch = path, phase, last_epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        row = {"epoch": epoch, "phase": self.phase,
-               "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
-        row.update({k: float(logs[k]) for k in LOG_COLUMNS if k in logs})
-        rows = [r for r in read_log(self.path) if int(r["epoch"]) < epoch] + [row]
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        figures = ", ".join(f"{k} {logs[k]:.4f}" for k in LOG_COLUMNS if k in logs)
-        log.info("epoch %d/%d (%s): %s (%.1f s)", epoch + 1, self.last_epoch, self.phase, figures,
-                 time.perf_counter() - self._start)
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-class BestCheckpoint(keras.callbacks.Callback):
-    """The best-model checkpoint: the weights at the epoch with the lowest `monitor` so far,
-    across both phases and resumes (best.json carries the best value over a restart).
-
-    It saves `model`, the classifier that is saved in the end, whichever model fit() trains:
-    the head trained on cached features shares its weights with it.
-    """
-
-    def __init__(self, model: keras.Model, folder: Path, monitor: str):
-        super().__init__()
-        self.target, self.monitor = model, monitor
-        self.weights, self.state = folder / "best.weights.h5", folder / "best.json"
-        self.best = json.loads(self.state.read_text())["value"] if self.state.is_file() else math.inf
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not value < self.best:
-            return
-        self.best = float(value)
-        partial = self.weights.with_name("best.partial.weights.h5")  # Keras insists on the .weights.h5 suffix
-        self.target.save_weights(partial)
-        os.replace(partial, self.weights)
-        write_json(self.state, {"epoch": epoch, "monitor": self.monitor, "value": self.best})
-
-    def restore(self) -> None:
-        if self.state.is_file():
-            self.target.load_weights(self.weights)
-            best = json.loads(self.state.read_text())
-            log.info("keeping epoch %d, the best (%s %.4f)", best["epoch"] + 1, best["monitor"], best["value"])
-
-
-def fit_phase(model: keras.Model, data, val, epochs: tuple[int, int], phase: str, run_dir: Path, train: Train,
-              best: BestCheckpoint, class_weight) -> int:
-    """fit() epochs [first, last) of one phase, resuming from its backup; returns the next epoch number."""
-    first, last = epochs
-    callbacks = [EpochLog(run_dir / TRAIN_LOG, phase, last), best]
-    if train.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(best.monitor, patience=train.early_stopping_patience))
-    if train.reduce_lr_patience:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(best.monitor, factor=train.reduce_lr_factor,
-                                                           patience=train.reduce_lr_patience))
-    # last, so that its backup (weights, optimizer, epoch) is taken after the epoch's row is logged
-    callbacks.append(keras.callbacks.BackupAndRestore(run_dir / f"{phase}-backup", double_checkpoint=True))
-    # BackupAndRestore tells fit() where to resume through the model's _initial_epoch, which
-    # nothing resets afterwards: clear what restoring an earlier phase left there.
-    model._initial_epoch = None
-    history = model.fit(data, validation_data=val, epochs=last, initial_epoch=first, class_weight=class_weight,
-                        callbacks=callbacks, shuffle=False, verbose=0)  # the datasets shuffle themselves (seeded)
-    return history.epoch[-1] + 1 if history.epoch else last
-
-
-# -- hardware -------------------------------------------------------------------------------
-
-
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over several GPUs (each batch split between them); else the default (one device)."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
-@contextlib.contextmanager
-def precision(mixed: bool):
-    """Layers built inside compute in float16 with float32 weights when `mixed` and a GPU is there."""
-    if mixed and not tf.config.list_physical_devices("GPU"):
-        log.info("train.mixed_precision: no GPU, so float32 (float16 on a CPU is slower, not faster)")
-        mixed = False
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-# -- the stage ------------------------------------------------------------------------------
-
-
-def save_model(model: keras.Model, path: Path) -> None:
-    """Save as .keras atomically: into a temporary folder next to `path`, then rename.
-
-    (stages.atomic.atomic_path names its temporary file *.tmp, and Keras saves only to *.keras.)
-    """
-    if path.suffix != ".keras":
-        raise StageError(f"paths.model must end with .keras, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        model.save(Path(tmp) / path.name)
-        os.replace(Path(tmp) / path.name, path)
-
-
-def run(params: Params) -> None:
-    folder = Path(params.paths.shards)
+def run(p: Train, paths: Paths, base: Base, runtime: Runtime) -> None:
+    folder = Path(paths.shards)
     meta = shards.read_meta(folder)
     if not meta["counts"].get("train"):
         raise StageError(f"{folder}: the shards hold no training images")
-    plan, copies = read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
+    plan, copies = read_rebalance(Path(paths.rebalance), meta["counts"]["train"])
     if sum(copies.values()) == 0:
-        raise StageError(f"{params.paths.rebalance}/copies.csv gives every training image 0 copies")
+        raise StageError(f"{paths.rebalance}/copies.csv gives every training image 0 copies")
 
-    keras.utils.set_random_seed(params.base.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, shuffling
-    if params.train.deterministic:
+    keras.utils.set_random_seed(base.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, shuffling
+    if p.deterministic:
         tf.config.experimental.enable_op_determinism()
-    run_dir = Path(params.train.cache_dir) / "runs" / run_fingerprint(params)
+    run_dir = Path(runtime.train_cache_dir) / "runs" / run_fingerprint(p, base.seed, paths)
     with exclusive(run_dir):
-        clf = train_phases(params, meta, plan, copies, run_dir)
-        save_model(clf.model, Path(params.paths.model))
-        with atomic_path(Path(params.paths.reports) / TRAIN_LOG) as tmp:
+        clf = train_phases(p, base.seed, paths, meta, plan, copies, run_dir, Path(runtime.train_cache_dir))
+        save_model(clf.model, Path(paths.model))
+        with atomic_path(paths.train_log) as tmp:
             shutil.copyfile(run_dir / TRAIN_LOG, tmp)
         shutil.rmtree(run_dir)
-    log.info("saved %s", params.paths.model)
-
-
-@contextlib.contextmanager
-def exclusive(run_dir: Path):
-    """Hold a lock on the run's folder: two runs with the same inputs would overwrite each other's state.
-
-    The kernel releases the lock when the process dies, however it dies, so a killed run never
-    blocks its own resumption.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"another train run with the same inputs is running (its state: {run_dir})") from None
-        yield
-
-
-def train_phases(params: Params, meta: dict, plan: dict, copies: dict[str, int], run_dir: Path) -> Classifier:
-    """Phase 1, then phase 2 if asked for, resuming what a killed run left; the classifier to save."""
-    train, seed, folder, counts = params.train, params.base.seed, Path(params.paths.shards), meta["counts"]
-    class_weight = class_weight_by_index(plan, meta["classes"])
-    has_val = bool(counts.get("val"))
-
-    def image_data():
-        val = validation_dataset(folder, meta, train.batch_size, train.deterministic) if has_val else None
-        return training_dataset(folder, meta, copies, train, seed), val
-
-    strategy = distribution_strategy()
-    with strategy.scope():
-        with precision(train.mixed_precision):
-            clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), train,
-                        meta["normalization"], seed)
-        best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
-        cached = train.embedding_cache and train.pretrained and not train.augments_phase1
-        per_epoch = sum(copies.values())
-        log.info(
-            "%s%s (%s weights) on %d images per epoch (rebalance: %s), %d steps of %d; %d validation images; "
-            "%d device(s), %s; phase 1 on %s",
-            "resuming " if (run_dir / TRAIN_LOG).is_file() else "", train.backbone, train.weights, per_epoch,
-            plan.get("method"), -(-per_epoch // train.batch_size), train.batch_size, counts.get("val", 0),
-            strategy.num_replicas_in_sync, clf.model.dtype_policy.name, "cached features" if cached else "images",
-        )
-
-        # Phase 1: the head on the frozen backbone (lenet: the whole network). Its end is
-        # recorded, so that a run killed in phase 2 does not train phase 1 again.
-        phase_one = run_dir / "phase1.json"
-        if phase_one.is_file():
-            clf.model.load_weights(run_dir / "phase1.weights.h5")
-            next_epoch = json.loads(phase_one.read_text())["next_epoch"]
-        else:
-            if cached:
-                (data, val), fitted = cached_datasets(clf, params, meta, copies), clf.head
-            else:
-                (data, val), fitted = image_data(), clf.training if train.augments_phase1 else clf.model
-            compile_for_training(fitted, train.learning_rate)
-            phase = "head" if train.pretrained else "scratch"
-            next_epoch = fit_phase(fitted, data, val, (0, train.epochs), phase, run_dir, train, best, class_weight)
-            clf.model.save_weights(run_dir / "phase1.weights.h5")
-            write_json(phase_one, {"next_epoch": next_epoch})
-
-        # Phase 2: fine-tune the top of the backbone on the images, at a lower learning rate
-        # (large updates would destroy the pretrained features the head was fitted to).
-        if train.fine_tune_epochs:
-            backbones.unfreeze_top(clf.backbone.network, train.fine_tune_layers)
-            compile_for_training(clf.training, train.fine_tune_learning_rate)
-            data, val = image_data()
-            epochs = (next_epoch, next_epoch + train.fine_tune_epochs)
-            fit_phase(clf.training, data, val, epochs, "fine_tune", run_dir, train, best, class_weight)
-
-    if train.restore_best:
-        best.restore()
-    return clf
+    log.info("saved %s", paths.model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("train", run, argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -26,257 +26,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from imgpipe.core import atomic_write as atomic
+from imgpipe.data import expectations
+from imgpipe.reports import data_quality as quality_report
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Ingest, Paths, Validate
+from imgpipe.core.runner import stage_main
+from imgpipe.data.sources import Source, SourceError
+from imgpipe.data.validation import Triage, failure_message, read_manifest, summarise, triage
 
-from stages import atomic, expectations, near_duplicates, quality_report
-from stages.cli import StageError, stage_main
-from stages.params import Params, Validate
-from stages.sources import Source, SourceError
-
+# the params sections `run` takes, in order (imgpipe/core/runner.py)
+SECTIONS = ("validate", "paths", "ingest")
 log = logging.getLogger(__name__)
-
-FACTS = ["sharpness", "brightness", "contrast", "phash", "phash_mirror"]
-COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
-           "error", *FACTS]
-# text stays text: a class called "0" is not a number
-_DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error", "phash", "phash_mirror")},
-           **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes")},
-           **{c: "float64" for c in ("sharpness", "brightness", "contrast")}}
-
-# quarantine rules, in the order they are tried: a row gets the first that applies
-RULES = ("unreadable", "no label", "unknown label", "too small", "too large", "channel count", "label conflict",
-         "duplicate")
-
-_NOT_DECODED = "not decoded: the manifest has no size, channel count or image facts for it"
 
 
 # --- pure core -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Triage:
-    """Where each manifest row went."""
-
-    decisions: pd.DataFrame  # per manifest row: rule, reason, detail (rule NaN = accepted)
-    accepted: pd.DataFrame  # the accepted manifest rows + `group`, manifest order
-    quarantine: pd.DataFrame  # path, rule, reason, detail of the others, manifest order
-    classes: pd.DataFrame  # label, accepted, imbalance: one row per known class
-    groups: pd.DataFrame  # one row per near-duplicate group of two or more accepted images
-
-
-def triage(manifest: pd.DataFrame, rules: Validate) -> Triage:
-    labels = known_labels(manifest, rules)
-    decisions = decide(manifest, rules, labels)
-    keep = decisions["rule"].isna()
-    accepted = manifest[keep].assign(group=group_ids(manifest[keep], rules.near_duplicate_distance))
-    quarantine = pd.concat([manifest.loc[~keep, ["path"]], decisions[~keep]], axis=1)
-    return Triage(decisions, accepted, quarantine, class_counts(accepted, labels), near_duplicate_groups(accepted))
-
-
-def decide(manifest: pd.DataFrame, rules: Validate, labels: list[str]) -> pd.DataFrame:
-    """Quarantine decisions, one row per manifest row (same index).
-
-    Columns: rule (one of RULES, or NaN when the row is accepted), reason (for the user),
-    detail (the image's id, to find every copy of it). Vectorised: the manifest can have
-    millions of rows, and the text is built only for the rows a rule takes.
-    """
-    out = pd.DataFrame({"rule": None, "reason": None, "detail": None}, index=manifest.index, dtype=object)
-    # numpy, not pandas, for the masks: most rules take no row, and a pandas operation costs a
-    # millisecond even then
-    pending = np.ones(len(manifest), dtype=bool)
-
-    def quarantine(rule: str, mask: pd.Series, reason) -> None:
-        """Give `rule` to the rows in `mask` no earlier rule took; `reason(rows)` gives their text."""
-        if not mask.index.equals(manifest.index):  # a mask over some of the rows: False for the others
-            mask = mask.reindex(manifest.index, fill_value=False)
-        hit = pending & mask.to_numpy(dtype=bool, na_value=False)
-        if hit.any():
-            rows = manifest[hit]
-            out.loc[hit, "rule"] = rule
-            out.loc[hit, "reason"] = reason(rows)
-            out.loc[hit, "detail"] = "id=" + rows["id"].astype(str)
-            pending[hit] = False
-
-    def size(rows: pd.DataFrame) -> pd.Series:
-        return rows["width"].astype(str) + "x" + rows["height"].astype(str)
-
-    width, height, channels = manifest["width"], manifest["height"], manifest["channels"]
-    undecoded = (width.isna() | height.isna() | channels.isna() | manifest["phash"].isna()
-                 | manifest["phash_mirror"].isna())
-    quarantine("unreadable", manifest["error"].notna() | undecoded, lambda rows: rows["error"].fillna(_NOT_DECODED))
-    quarantine("no label", ~manifest["label"].isin(labels_found(manifest)), lambda rows: "no label")
-    quarantine("unknown label", ~manifest["label"].isin(labels),
-               lambda rows: "unknown label '" + rows["label"] + "' (not in validate.classes)")
-    quarantine("too small", (width < rules.min_width) | (height < rules.min_height),
-               lambda rows: "too small: " + size(rows) + f" pixels, minimum {rules.min_width}x{rules.min_height}")
-    quarantine("too large", (width > rules.max_width) | (height > rules.max_height),
-               lambda rows: "too large: " + size(rows) + f" pixels, maximum {rules.max_width}x{rules.max_height}")
-    allowed = ", ".join(map(str, rules.allowed_channels))
-    quarantine("channel count", ~channels.isin(rules.allowed_channels),
-               lambda rows: "unsupported channel count " + rows["channels"].astype(str) + f" (allowed: {allowed})")
-
-    # Same bytes more than once: looked for only among the rows that passed the checks above, so
-    # that a good copy is not thrown away because of a bad one (a copy with no label, say).
-    candidates = manifest.loc[pending, ["id", "label", "path"]]
-    copies = candidates[candidates["id"].duplicated(keep=False)]
-    by_id = copies.groupby("id")
-    conflicting = by_id["label"].transform("nunique") > 1
-    conflict_labels = copies[conflicting].groupby("id")["label"].agg(lambda s: _and(sorted(set(s))))
-    quarantine("label conflict", conflicting,
-               lambda rows: "label conflict: same image labelled " + rows["id"].map(conflict_labels))
-    # the same image under one label: keep the first copy, in manifest order
-    kept = by_id["path"].transform("first")
-    quarantine("duplicate", ~conflicting & copies["id"].duplicated(keep="first"),
-               lambda rows: "duplicate of " + kept[rows.index])
-    return out
-
-
-def labels_found(manifest: pd.DataFrame) -> list[str]:
-    """Every label in the manifest that is not blank, sorted."""
-    # strip the distinct labels only: there are few of them, and millions of rows
-    return sorted(label for label in manifest["label"].dropna().unique() if label.strip())
-
-
-def known_labels(manifest: pd.DataFrame, rules: Validate) -> list[str]:
-    """The classes: `validate.classes` when given, else the labels found in the manifest; sorted."""
-    return sorted(rules.classes) if rules.classes else labels_found(manifest)
-
-
-def group_ids(accepted: pd.DataFrame, max_distance: int) -> pd.Series:
-    """Each image's near-duplicate group, named by the group's smallest id (its own id when alone).
-
-    The smallest id, not the first in manifest order: a group's name (and so its split) then does
-    not depend on file names or on the order the source lists its files.
-    """
-    number = near_duplicates.groups(near_duplicates.parse(accepted["phash"]), max_distance,
-                                    mirrors=near_duplicates.parse(accepted["phash_mirror"]))
-    # The ids as references to the frame's own strings (no copies): sorted by id, then (stable)
-    # by group, the first row of each group holds its smallest id. pandas' groupby min on
-    # strings runs a Python loop per group, 20x slower on 43,000 images.
-    ids = accepted["id"].to_numpy(dtype=object)
-    by_id = np.argsort(ids, kind="stable")
-    order = by_id[np.argsort(number[by_id], kind="stable")]
-    groups = number[order]
-    first = np.ones(len(groups), dtype=bool)
-    first[1:] = groups[1:] != groups[:-1]
-    smallest = ids[order[first]]
-    return pd.Series(smallest[np.searchsorted(groups[first], number)], index=accepted.index, dtype=accepted["id"].dtype)
-
-
-def near_duplicate_groups(accepted: pd.DataFrame) -> pd.DataFrame:
-    """One row per group of two or more accepted images: group (its id), path (the image with that id),
-    images, labels and source_splits (how many distinct ones the group holds), sorted by group."""
-    members = accepted[accepted["group"].duplicated(keep=False)]
-    by_group = members.groupby("group")
-    return pd.DataFrame({
-        "path": members[members["id"] == members["group"]].set_index("group")["path"],
-        "images": by_group.size(),
-        "labels": by_group["label"].nunique(),
-        "source_splits": by_group["source_split"].nunique(),  # a missing split is not counted
-    }).rename_axis("group").reset_index()
-
-
-def class_counts(accepted: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """One row per known class: its accepted images (0 when all were quarantined) and `imbalance`,
-    the largest class's count over this one's (missing for an empty class)."""
-    counts = accepted["label"].value_counts().reindex(labels, fill_value=0).to_numpy(dtype="int64")
-    largest = counts.max() if len(counts) else 0
-    imbalance = (largest / pd.Series(counts, dtype="float64")).where(counts > 0).round(3)
-    return pd.DataFrame({"label": labels, "accepted": counts, "imbalance": imbalance.to_numpy()})
-
-
-def imbalance_ratio(classes: pd.DataFrame) -> float | None:
-    """The largest class over the smallest; None when a class is empty (no ratio describes that)."""
-    if classes.empty or (classes["accepted"] == 0).any():
-        return None
-    return round(float(classes["accepted"].max() / classes["accepted"].min()), 3)
-
-
-def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str) -> dict:
-    """summary.json: counts and expectation results, nothing that changes between runs."""
-    inputs, ingested, quarantined = len(result.decisions), len(result.accepted), len(result.quarantine)
-    # every input is accounted for: accepted or quarantined, never both, never neither
-    assert inputs == ingested + quarantined, (inputs, ingested, quarantined)
-    reasons = result.quarantine["rule"].value_counts().reindex(list(RULES), fill_value=0)
-    failed = [o for o in outcomes if not o.success]
-    groups = result.groups
-    return {
-        "inputs": inputs,
-        "ingested": ingested,
-        "quarantined": quarantined,
-        "quarantined_fraction": round(quarantined / inputs, 6),
-        "classes": {str(k): int(v) for k, v in zip(result.classes["label"], result.classes["accepted"])},
-        "imbalance_ratio": imbalance_ratio(result.classes),
-        "quarantine_reasons": {str(k): int(v) for k, v in reasons.items()},
-        "near_duplicates": {
-            "groups": len(groups),
-            "images": int(groups["images"].sum()),
-            "largest_group": int(groups["images"].max()) if len(groups) else 0,
-            "groups_mixing_labels": int((groups["labels"] > 1).sum()),
-            "groups_across_source_splits": int((groups["source_splits"] > 1).sum()),
-        },
-        "expectations": {
-            "passed": len(outcomes) - len(failed),
-            "failed": len(failed),
-            "results": [
-                {"table": o.table, "expectation": o.expectation, "column": o.column,
-                 "description": o.description, "critical": o.critical, "success": o.success,
-                 "element_count": o.element_count, "unexpected_count": o.unexpected_count}
-                for o in outcomes
-            ],
-        },
-        "success": not any(o.critical for o in failed),
-        "report": report,
-    }
-
-
-def failure_message(outcomes: list[expectations.Outcome], report: str, quarantine: str) -> str | None:
-    """The StageError text when a critical expectation failed, else None."""
-    failed = [o for o in outcomes if o.critical and not o.success]
-    if not failed:
-        return None
-    lines = [f"{len(failed)} critical data-quality check(s) failed; report: {report}, "
-             f"quarantined files and reasons: {quarantine}"]
-    for o in failed:
-        line = (f"  - {o.description} [{o.expectation} on {o.table}.{o.column}]: "
-                f"{o.unexpected_count} of {o.element_count} {o.noun} unexpected")
-        if o.examples:
-            line += ", e.g. " + "; ".join(o.examples)
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _and(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
 
 # --- I/O boundary ----------------------------------------------------------------------------
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: manifest not found (run the ingest stage first)")
-    try:
-        # only empty fields are missing: a class called "NA" or "None" stays a class
-        frame = pd.read_csv(path, dtype=_DTYPES, keep_default_na=False, na_values=[""])
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise StageError(f"{path}: not a readable manifest: {exc}") from None
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise StageError(f"{path}: manifest lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)} "
-                         "(re-run the ingest stage)")
-    if frame.empty:
-        raise StageError(f"{path}: the manifest has no rows; nothing to validate")
-    return frame if list(frame.columns) == COLUMNS else frame[COLUMNS]  # a copy only to reorder
 
-
-def run(params: Params) -> None:
-    rules, dq = params.validate, Path(params.paths.data_quality)
+def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
+    dq = Path(paths.data_quality)
     report, quarantine = str(dq / "site" / "index.html"), str(dq / "quarantine.csv")
-    manifest = read_manifest(params.paths.manifest)
+    manifest = read_manifest(paths.manifest)
     log.info("checking %d manifest rows", len(manifest))
 
     result = triage(manifest, rules)
@@ -292,33 +68,32 @@ def run(params: Params) -> None:
              sum(o.success for o in outcomes), len(outcomes), report)
 
     # written before the gate, so that a failed run still leaves the report to read
-    atomic.write_csv(params.paths.accepted, result.accepted)
+    atomic.write_csv(paths.accepted, result.accepted)
     atomic.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
     summary = summarise(result, outcomes, report)
     atomic.write_json(dq / "summary.json", summary)
-    write_summary_page(params, result, summary, dq)
+    write_summary_page(rules, ingest, result, summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
     if message:
         raise StageError(message)
 
 
-def write_summary_page(params: Params, result: Triage, summary: dict, dq: Path) -> None:
+def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary: dict, dq: Path) -> None:
     """summary.md and, in summary_files/, the class histogram and the offenders' thumbnails."""
-    p = params.ingest
     try:
-        source = Source(p.source, p.layout, p.labels_csv)
+        source = Source.from_params(ingest)
     except SourceError as exc:  # the page is still worth having without thumbnails
         log.warning("summary without thumbnails: %s", exc)
         source = None
     with source or contextlib.nullcontext(), atomic.atomic_dir(dq / quality_report.FILES) as files:
-        page = quality_report.write(result, summary, params.validate, source, files)
+        page = quality_report.write(result, summary, rules, source, files)
     atomic.write_text(dq / "summary.md", page)
     log.info("summary: %s", dq / "summary.md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("validate", run, argv)
+    return stage_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ import sqlite3
 
 import pytest
 
-from stages import facts_cache, ingest
-from stages.params import params_from_dict
+from imgpipe.core.runner import run_stage
+from imgpipe.data import facts_cache
+from imgpipe.data import ingestion
+from stages import ingest
+from imgpipe.core.params import params_from_dict
 from tests.data.test_ingest import FLOWERS
 
 
@@ -28,9 +31,9 @@ def source(tmp_path):
 
 def run(tmp_path, source, cache_dir, workers=1, max_pixels=100_000_000) -> bytes:
     manifest = tmp_path / "manifest.csv"
-    ingest.run(params_from_dict({
-        "ingest": {"source": str(source), "workers": workers, "cache_dir": str(cache_dir) if cache_dir else "",
-                   "max_pixels": max_pixels},
+    run_stage(ingest, params_from_dict({
+        "ingest": {"source": str(source), "max_pixels": max_pixels},
+        "runtime": {"workers": workers, "ingest_cache_dir": str(cache_dir) if cache_dir else ""},
         "paths": {"manifest": str(manifest)}}))
     return manifest.read_bytes()
 
@@ -39,13 +42,13 @@ def run(tmp_path, source, cache_dir, workers=1, max_pixels=100_000_000) -> bytes
 def reads(monkeypatch):
     """The files ingest opens (in this process: workers=1), the real reader doing the reading."""
     opened = []
-    real = ingest.read_file
+    real = ingestion.read_file
 
     def counting(root, path, **limit):
         opened.append(path)
         return real(root, path, **limit)
 
-    monkeypatch.setattr(ingest, "read_file", counting)
+    monkeypatch.setattr(ingestion, "read_file", counting)
     return opened
 
 

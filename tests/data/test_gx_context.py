@@ -17,8 +17,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import great_expectations as gx  # noqa: E402
 
-from stages import expectations  # noqa: E402
-from tests.data.test_validate import CLEAN, params, run_stage  # noqa: E402
+from imgpipe.data import expectations  # noqa: E402
+from tests.data.test_validate import CLEAN, params, run_validate  # noqa: E402
 
 SUITES = ["accepted_images", "class_counts", "image_manifest", "near_duplicate_groups"]
 
@@ -42,7 +42,7 @@ def project(context) -> dict:
 
 def test_a_run_in_a_folder_without_gx_stores_the_suites_checkpoints_and_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_stage(tmp_path, CLEAN) is None
+    assert run_validate(tmp_path, CLEAN) is None
 
     # the folder got the repository's GX files, unchanged: every table's asset is in them already
     for name in expectations.TEMPLATE_FILES:
@@ -68,8 +68,8 @@ def test_a_run_in_a_folder_without_gx_stores_the_suites_checkpoints_and_results(
 
 def test_a_changed_threshold_updates_the_stored_suite(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_stage(tmp_path, CLEAN)
-    run_stage(tmp_path, CLEAN, min_images_per_class=3)
+    run_validate(tmp_path, CLEAN)
+    run_validate(tmp_path, CLEAN, min_images_per_class=3)
     suite = gx.get_context(mode="file", project_root_dir=tmp_path).suites.get("class_counts")
     assert suite.expectations[0].min_value == 3
     assert len(suite.expectations) == 2  # replaced, not added to
@@ -81,7 +81,7 @@ def test_only_the_latest_runs_results_are_kept(tmp_path, monkeypatch):
     store = lambda: gx.get_context(mode="file", project_root_dir=tmp_path).validation_results_store  # noqa: E731
     runs = []
     for _ in range(3):
-        run_stage(tmp_path, CLEAN)
+        run_validate(tmp_path, CLEAN)
         runs.append({k.to_tuple() for k in store().list_keys()} - set().union(*runs))
     assert [len(run) for run in runs] == [4, 4, 4]  # each run stores one result per suite
     assert {k.to_tuple() for k in store().list_keys()} == runs[1] | runs[2]  # the first run's are gone
@@ -111,7 +111,7 @@ def test_two_runs_leave_every_git_tracked_file_as_it_is(tmp_path, monkeypatch):
 
     monkeypatch.chdir(repo)
     for _ in range(2):
-        assert run_stage(out, CLEAN) is None
+        assert run_validate(out, CLEAN) is None
     # nothing changed, nothing new that git would see: GX wrote only into the ignored gx/uncommitted/
     assert git(repo, "status", "--porcelain") == ""
     assert git(repo, "status", "--porcelain", "--ignored").splitlines() == ["!! gx/uncommitted/"]
@@ -121,7 +121,7 @@ def test_two_runs_leave_every_git_tracked_file_as_it_is(tmp_path, monkeypatch):
 def test_the_data_docs_show_this_run_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # the results store keeps both runs' results
-        run_stage(tmp_path, CLEAN)
+        run_validate(tmp_path, CLEAN)
     site = tmp_path / "dq" / "site"
     index = (site / "index.html").read_text()
     for suite in SUITES:

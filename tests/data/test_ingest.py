@@ -20,10 +20,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages import ingest, validate
-from stages.cli import StageError
-from stages.params import ParamsError, params_from_dict
-from stages.sources import Source
+from imgpipe.core.runner import run_stage
+from stages import ingest
+from imgpipe.data import ingestion
+from stages import validate
+from imgpipe.data import validation
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import ParamsError, params_from_dict
+from imgpipe.data.sources import Source
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -32,10 +36,11 @@ FLOWERS = SHARED / "flowers5-128px" / "flowers"
 MNIST = SHARED / "mnist-t10k"
 
 
-def run_ingest(tmp_path, source, **ingest_params) -> pd.DataFrame:
+def run_ingest(tmp_path, source, workers: int = 0, **ingest_params) -> pd.DataFrame:
     manifest = tmp_path / "manifest.csv"
-    params = params_from_dict({"ingest": {"source": str(source), **ingest_params}, "paths": {"manifest": str(manifest)}})
-    ingest.run(params)
+    params = params_from_dict({"ingest": {"source": str(source), **ingest_params}, "paths": {"manifest": str(manifest)},
+                               "runtime": {"workers": workers, "ingest_cache_dir": ""}})
+    ingest.run(params.ingest, params.paths, params.runtime)
     return pd.read_csv(manifest, dtype={"id": str, "label": str, "path": str}, keep_default_na=False)
 
 
@@ -182,18 +187,19 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     source = build_corpus(root)
     params = params_from_dict({
-        "ingest": {"source": str(source), "workers": 2},
+        "ingest": {"source": str(source)},
+        "runtime": {"workers": 2, "ingest_cache_dir": ""},
         "paths": {"manifest": str(root / "manifest.csv"), "accepted": str(root / "accepted.csv"),
                   "data_quality": str(root / "dq")},
         # everything is reported, nothing gates: this checks each file's outcome
         "validate": {"min_images_per_class": 1, "max_quarantined_fraction": 1.0},
     })
-    ingest.run(params)
+    ingest.run(params.ingest, params.paths, params.runtime)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # the stage keeps its GX project in ./gx: not the repository's
-        validate.run(params)
-    manifest = validate.read_manifest(root / "manifest.csv").set_index("path")
-    return root, manifest, validate.triage(manifest.reset_index(), params.validate), root / "dq"
+        validate.run(params.validate, params.paths, params.ingest)
+    manifest = validation.read_manifest(root / "manifest.csv").set_index("path")
+    return root, manifest, validation.triage(manifest.reset_index(), params.validate), root / "dq"
 
 
 @pytest.mark.parametrize("rel", CORPUS)
@@ -262,7 +268,7 @@ def test_empty_class_folder_is_named_in_a_warning(tmp_path, caplog):
     (tmp_path / "bird").mkdir()
     (tmp_path / "cat").mkdir()
     shutil.copy(photo(0), tmp_path / "cat" / "a.jpg")
-    with caplog.at_level(logging.WARNING, logger="stages.sources"):
+    with caplog.at_level(logging.WARNING, logger="imgpipe.data.sources"):
         records = list(Source(tmp_path).records())
     assert [r.path for r in records] == ["cat/a.jpg"]
     assert caplog.messages == ["bird/ holds no files, so there is no class 'bird' from it"]
@@ -282,7 +288,7 @@ def test_a_file_too_large_to_be_an_image_is_hashed_as_it_streams_not_read(tmp_pa
     root = tmp_path / "src"
     (root / "cat").mkdir(parents=True)
     shutil.copy(photo(0), root / "cat" / "photo.jpg")
-    limit = ingest.max_file_bytes(1000)  # 8 bytes a pixel + 64 MiB
+    limit = ingestion.max_file_bytes(1000)  # 8 bytes a pixel + 64 MiB
     with open(root / "cat" / "clip.jpg", "wb") as fh:  # a video named .jpg, one byte too many (sparse: no disk used)
         fh.write(b"\x00\x00\x00\x18ftypmp42")
         fh.truncate(limit + 1)
@@ -323,8 +329,9 @@ def test_names_that_are_not_utf8_are_quarantined_and_odd_ones_kept(tmp_path):
              'cat/com,ma "quote".jpg'.encode(): 3}
     for name, i in names.items():
         shutil.copy(photo(i), os.fsencode(root) + b"/" + name)
-    ingest.run(params_from_dict({"ingest": {"source": str(root)}, "paths": {"manifest": str(tmp_path / "m.csv")}}))
-    m = validate.read_manifest(tmp_path / "m.csv").set_index("path")
+    run_stage(ingest, params_from_dict({"ingest": {"source": str(root)}, "paths": {"manifest": str(tmp_path / "m.csv")},
+                                       "runtime": {"ingest_cache_dir": ""}}))
+    m = validation.read_manifest(tmp_path / "m.csv").set_index("path")
     reason = "the file or folder name is not UTF-8 text (shown with \\x escapes): rename it"
     assert sorted(m.index) == ["caf\\xe9s/one.jpg", "cat/caf\\xe9.jpg", 'cat/com,ma "quote".jpg', "cat/new\nline.jpg"]
     assert m.loc["cat/caf\\xe9.jpg", "error"] == m.loc["caf\\xe9s/one.jpg", "error"] == reason
@@ -377,7 +384,7 @@ def test_idx_pairs_with_class_names_and_source_split(tmp_path):
     assert (first.format, int(first.width), int(first.height), int(first.channels)) == ("idx", 28, 28, 1)
     # raw pixels get the same facts as a decoded image of them
     png = cv2.imencode(".png", pixels[0])[1].tobytes()
-    decoded = dict(zip(ingest.BYTE_COLUMNS, ingest.describe(png, max_pixels=10**6)))
+    decoded = dict(zip(ingestion.BYTE_COLUMNS, ingestion.describe(png, max_pixels=10**6)))
     assert first.phash == decoded["phash"] and float(first.sharpness) == decoded["sharpness"]
 
 
@@ -415,9 +422,9 @@ def test_labels_csv_with_odd_names_and_an_unknown_label(tmp_path, csv_source):
     (csv_source / "labels.csv").write_text(
         'file,label\n"img/my photo.jpg",yes\nimg/-rf.jpg,no\nimg/ünï-写真.jpg,maybe\n', encoding="utf-8")
     run_ingest(tmp_path, csv_source)
-    manifest = validate.read_manifest(tmp_path / "manifest.csv")
+    manifest = validation.read_manifest(tmp_path / "manifest.csv")
     rules = params_from_dict({"validate": {"classes": ["yes", "no"]}}).validate
-    result = validate.triage(manifest, rules)
+    result = validation.triage(manifest, rules)
     assert dict(zip(result.accepted["path"], result.accepted["label"])) == {"img/my photo.jpg": "yes",
                                                                            "img/-rf.jpg": "no"}
     assert dict(zip(result.quarantine["path"], result.quarantine["reason"])) == {
@@ -446,11 +453,15 @@ def test_labels_csv_not_utf8(tmp_path, csv_source):
 
 @pytest.mark.parametrize("values, message", [
     ({"max_pixels": 0}, "ingest.max_pixels must be >= 1, got 0"),
-    ({"workers": -1}, r"ingest.workers must be >= 0 \(0 = one per CPU core\), got -1"),
 ])
 def test_bad_ingest_params_are_named(values, message):
     with pytest.raises(ParamsError, match=message):
         params_from_dict({"ingest": values})
+
+
+def test_bad_runtime_params_are_named():
+    with pytest.raises(ParamsError, match=r"runtime.workers must be >= 0 \(0 = one per CPU core\), got -1"):
+        params_from_dict({"runtime": {"workers": -1}})
 
 
 def test_missing_source_is_a_clear_error(tmp_path):

@@ -16,9 +16,11 @@ import pytest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from imgpipe.core.runner import run_stage
 from stages import validate  # noqa: E402
-from stages.cli import StageError  # noqa: E402
-from stages.params import ParamsError, params_from_dict  # noqa: E402
+from imgpipe.data import validation
+from imgpipe.core.errors import StageError  # noqa: E402
+from imgpipe.core.params import ParamsError, params_from_dict  # noqa: E402
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
@@ -43,7 +45,7 @@ def good(label: str, count: int, start: int) -> list[dict]:
 def write_manifest(folder, rows: list[dict]):
     path = folder / "manifest.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=validate.COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=validation.COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -58,12 +60,12 @@ def params(tmp_path, **rules):
     })
 
 
-def triage(tmp_path, rows: list[dict], **rules) -> validate.Triage:
-    manifest = validate.read_manifest(write_manifest(tmp_path, rows))
-    return validate.triage(manifest, params(tmp_path, **rules).validate)
+def triage(tmp_path, rows: list[dict], **rules) -> validation.Triage:
+    manifest = validation.read_manifest(write_manifest(tmp_path, rows))
+    return validation.triage(manifest, params(tmp_path, **rules).validate)
 
 
-def reasons(result: validate.Triage) -> dict[str, str]:
+def reasons(result: validation.Triage) -> dict[str, str]:
     return dict(zip(result.quarantine["path"], result.quarantine["reason"]))
 
 
@@ -206,31 +208,31 @@ def test_class_imbalance_is_the_largest_class_over_each(tmp_path):
     classes = result.classes.astype(object).where(result.classes.notna(), None)
     assert classes.to_dict("list") == {"label": ["cat", "dog", "eel"], "accepted": [6, 2, 0],
                                        "imbalance": [1.0, 3.0, None]}
-    assert validate.imbalance_ratio(result.classes) is None  # an empty class: no ratio
-    assert validate.imbalance_ratio(result.classes.iloc[:2]) == 3.0
+    assert validation.imbalance_ratio(result.classes) is None  # an empty class: no ratio
+    assert validation.imbalance_ratio(result.classes.iloc[:2]) == 3.0
 
 
 def test_unreadable_manifest_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="manifest not found"):
-        validate.read_manifest(tmp_path / "nope.csv")
+        validation.read_manifest(tmp_path / "nope.csv")
     (tmp_path / "m.csv").write_text("id,label,path\nabc,cat,a.png\n")
     with pytest.raises(StageError, match="lacks column.*source_split"):
-        validate.read_manifest(tmp_path / "m.csv")
+        validation.read_manifest(tmp_path / "m.csv")
     write_manifest(tmp_path, [row(0, width="wide")])
     with pytest.raises(StageError, match="not a readable manifest"):
-        validate.read_manifest(tmp_path / "manifest.csv")
+        validation.read_manifest(tmp_path / "manifest.csv")
     write_manifest(tmp_path, [])
     with pytest.raises(StageError, match="no rows"):
-        validate.read_manifest(tmp_path / "manifest.csv")
+        validation.read_manifest(tmp_path / "manifest.csv")
 
 
 # --- the stage: GX suite, outputs, gate ------------------------------------------------------
 
-def run_stage(tmp_path, rows: list[dict], **rules) -> str | None:
+def run_validate(tmp_path, rows: list[dict], **rules) -> str | None:
     """Run the stage; the StageError message when it fails, else None."""
     write_manifest(tmp_path, rows)
     try:
-        validate.run(params(tmp_path, **rules))
+        run_stage(validate, params(tmp_path, **rules))
     except StageError as exc:
         return str(exc)
     return None
@@ -249,7 +251,7 @@ CLEAN = [*good("cat", 10, 0), *good("dog", 10, 100),
 
 
 def test_clean_run_writes_every_output(tmp_path):
-    assert run_stage(tmp_path, CLEAN) is None
+    assert run_validate(tmp_path, CLEAN) is None
     summary, quarantine = outputs(tmp_path)
 
     assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (21, 20, 1)
@@ -302,15 +304,15 @@ def test_clean_run_writes_every_output(tmp_path):
 def test_same_inputs_give_the_same_bytes(tmp_path):
     files = [tmp_path / "dq" / "summary.json", tmp_path / "dq" / "quarantine.csv", tmp_path / "accepted.csv",
              tmp_path / "dq" / "summary.md", tmp_path / "dq" / "summary_files" / "classes.png"]
-    run_stage(tmp_path, CLEAN)
+    run_validate(tmp_path, CLEAN)
     first = [f.read_bytes() for f in files]
-    run_stage(tmp_path, CLEAN)
+    run_validate(tmp_path, CLEAN)
     assert [f.read_bytes() for f in files] == first
 
 
 def test_fails_when_a_class_has_too_few_images(tmp_path):
     rows = [*good("cat", 10, 0), *good("dog", 3, 100)]
-    message = run_stage(tmp_path, rows)
+    message = run_validate(tmp_path, rows)
     dq = tmp_path / "dq"
     assert message.splitlines() == [
         f"1 critical data-quality check(s) failed; report: {dq / 'site' / 'index.html'}, "
@@ -329,7 +331,7 @@ def test_fails_when_a_class_has_too_few_images(tmp_path):
 def test_fails_when_too_many_images_are_quarantined(tmp_path):
     rows = [*good("cat", 10, 0), *good("dog", 10, 100), row(300, "dog", path="tiny.png", width="2"),
             row(301, "", path="nolabel.png")]
-    message = run_stage(tmp_path, rows)  # 2 of 22 = 9% > 5%
+    message = run_validate(tmp_path, rows)  # 2 of 22 = 9% > 5%
     assert "  - At most 5.0% of the images are quarantined [expect_column_values_to_be_null on " \
            "image_manifest.quarantine_reason]: 2 of 22 images unexpected, e.g. " \
            "tiny.png (too small); nolabel.png (no label)" in message.splitlines()
@@ -341,22 +343,22 @@ def test_fails_when_too_many_images_are_quarantined(tmp_path):
     assert list(quarantine["path"]) == ["tiny.png", "nolabel.png"]
 
     # the same data passes with a looser threshold
-    assert run_stage(tmp_path, rows, max_quarantined_fraction=0.1) is None
+    assert run_validate(tmp_path, rows, max_quarantined_fraction=0.1) is None
 
 
 def test_everything_quarantined_fails_cleanly(tmp_path):
     rows = [row(i, error="empty file", width="", height="", channels="") for i in range(3)]
-    message = run_stage(tmp_path, rows)
+    message = run_validate(tmp_path, rows)
     assert "3 of 3 images unexpected, e.g. cat/0.png (unreadable); cat/1.png (unreadable)" in message
     assert "1 of 1 classes unexpected, e.g. cat (0)" in message
     summary, quarantine = outputs(tmp_path)
     assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (3, 0, 3)
     assert list(quarantine["reason"]) == ["empty file"] * 3
-    assert (tmp_path / "accepted.csv").read_text() == ",".join([*validate.COLUMNS, "group"]) + "\n"
+    assert (tmp_path / "accepted.csv").read_text() == ",".join([*validation.COLUMNS, "group"]) + "\n"
 
 
 def test_listed_class_without_images_fails_the_stage(tmp_path):
-    message = run_stage(tmp_path, [*good("cat", 10, 0), *good("dog", 10, 100)], classes=["bird", "cat", "dog"])
+    message = run_validate(tmp_path, [*good("cat", 10, 0), *good("dog", 10, 100)], classes=["bird", "cat", "dog"])
     assert "Every class has at least 10 accepted images [expect_column_values_to_be_between on " \
            "class_counts.accepted]: 1 of 3 classes unexpected, e.g. bird (0)" in message
     summary, _ = outputs(tmp_path)
@@ -373,7 +375,7 @@ def test_warnings_are_reported_and_do_not_fail_the_stage(tmp_path):
             # a near-copy under two labels, and across the source's train/test split
             row(304, "cat", path="train/cat/x.png", source_split="train", phash=base),
             row(305, "dog", path="test/dog/x.png", source_split="test", phash=base)]
-    assert run_stage(tmp_path, rows, max_imbalance_ratio=2.5) is None
+    assert run_validate(tmp_path, rows, max_imbalance_ratio=2.5) is None
     summary, _ = outputs(tmp_path)
     assert summary["success"] is True and summary["imbalance_ratio"] == 2.538  # 33 cats, 13 dogs
     failed = {(r["table"], r["column"]): r["unexpected_count"]

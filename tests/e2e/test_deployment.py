@@ -25,6 +25,9 @@ from prefect.exceptions import ObjectNotFound
 
 from tests.e2e.helpers import QUIET_ENV, eventually, git_dvc_repo
 
+# starts a server or a cluster, or runs the pipeline: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "pipeline/nightly"
 

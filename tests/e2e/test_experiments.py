@@ -7,10 +7,14 @@ refuses a learning rate <= 0, so each experiment's figures are known in advance.
 import json
 from pathlib import Path
 
+import pytest
 from prefect.client.schemas.objects import StateType
 
 from flows.experiments import ExperimentFailed, comparison_rows, experiments
 from tests.e2e.helpers import artifacts, commit, dvc, git_dvc_repo
+
+# starts a Prefect server: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 SCORE = """\
 import json, yaml

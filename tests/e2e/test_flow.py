@@ -34,8 +34,11 @@ from flows.artifacts import (
 )
 from flows.dag import stage_order
 from flows.pipeline import pipeline
-from stages import report
+from imgpipe.reports import evaluation as report
 from tests.e2e.helpers import QUIET_ENV, artifacts, eventually, git_dvc_repo, sh
+
+# starts a server or a cluster, or runs the pipeline: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[2]
 INPUT = PROJECT.parent / "shared" / "datasets" / "mnist-t10k" / "SHA256SUMS"
@@ -253,7 +256,8 @@ def make_pipeline_repo(path: Path) -> Path:
     through params.yaml."""
     path.mkdir()
     no_cache = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(PROJECT / "stages", path / "stages", ignore=no_cache)
+    for package in ("stages", "imgpipe"):
+        shutil.copytree(PROJECT / package, path / package, ignore=no_cache)
     (path / "gx").mkdir()  # the validate stage's GX project (a dependency in dvc.yaml)
     for name in ("great_expectations.yml", ".gitignore"):
         shutil.copy(PROJECT / "gx" / name, path / "gx" / name)

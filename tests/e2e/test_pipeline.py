@@ -23,7 +23,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 SHARED = PROJECT.parent / "shared"
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
-PROJECT_FILES = ["stages", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+PROJECT_FILES = ["stages", "imgpipe", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
                  ".gitignore", "data/.gitkeep", "models/.gitkeep", "reports/.gitkeep",
                  "gx/great_expectations.yml", "gx/.gitignore"]
 CLASSES = {"daisy": 40, "rose": 30, "tulip": 36}  # small, real and imbalanced

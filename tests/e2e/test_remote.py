@@ -14,6 +14,9 @@ import pytest
 
 from tests.e2e.helpers import commit, dvc, git_dvc_repo, sh
 
+# starts a server or a cluster, or runs the pipeline: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
+
 PROJECT = Path(__file__).resolve().parents[2]
 FLOWERS = PROJECT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
 BUCKET = "imgpipe-test"

@@ -17,7 +17,7 @@ import pytest
 from tests.model import mnist_run
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium)")]
 
 # Appended to a copy of the page: once everything has loaded, record each image's decoded width in
 # the DOM, where --dump-dom shows it (a broken image has naturalWidth 0).

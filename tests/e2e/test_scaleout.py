@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
 from flows.scaleout import ShardsMismatch, mismatches, shard_stats, split_summary
-from stages import shards
+from imgpipe.model import shards
 from tests.e2e.helpers import eventually
 
 CLASSES = ["cat", "dog", "fox"]

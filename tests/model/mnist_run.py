@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import evaluate, preprocess, rebalance, train
-from stages.params import params_from_dict
-from stages.sources import Source
+from imgpipe.core.runner import run_stage
+from stages import evaluate
+from stages import preprocess
+from stages import rebalance
+from stages import train
+from imgpipe.core.params import params_from_dict
+from imgpipe.data.sources import Source
 
 ROOT = Path(__file__).resolve().parents[2]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist-t10k"
@@ -53,13 +57,14 @@ def run_params(root: Path, reports: Path | None = None, **evaluate_params):
         "paths": {
             "split": str(root / "split.csv"), "shards": str(root / "shards"), "rebalance": str(root / "rebalance"),
             "model": str(root / "models" / "model.keras"), "reports": str(reports or root / "reports"),
+            "train_log": str((reports or root / "reports") / "train_log.csv"),
             "data_quality": str(root / "reports" / "data_quality"),
         },
         "ingest": {"source": str(MNIST), "layout": "idx"},
         "preprocess": {"colour_mode": "grey", "size": [28, 28], "normalization": "unit", "images_per_shard": 64},
-        # cache_dir in the run's folder: never the project's .cache/train, nor another run's lock
-        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01,
-                  "cache_dir": str(root / "cache")},
+        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01},
+        # the cache in the run's folder: never the project's .cache/train, nor another run's lock
+        "runtime": {"train_cache_dir": str(root / "cache")},
         "evaluate": {"export_dir": str(root / "models" / "export"), "blessed_file": str(root / "models" / "blessed.json"),
                      **evaluate_params},
     })
@@ -71,7 +76,7 @@ def run(root: Path):
     params = run_params(root)
     write_data_quality(Path(params.paths.data_quality))
     for stage in (preprocess, rebalance, train, evaluate):
-        stage.run(params)
+        run_stage(stage, params)
     return params, split
 
 

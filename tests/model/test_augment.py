@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from stages.augment import RandomErasing, augmentation
-from stages.params import Train
+from imgpipe.model.augment import RandomErasing, augmentation
+from imgpipe.core.params import Train
 
 N, SIZE = 4000, 32
 BACKGROUND = -1.0  # outside every value range below, so an erased pixel always shows

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from stages import embeddings
-from stages.shards import ShardWriter
+from imgpipe.model import feature_cache as embeddings
+from imgpipe.model.shards import ShardWriter
 
 
 def ids(*names) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_head_batches_pair_each_row_with_its_label_and_reshuffle_every_epoch(tmp
 
 
 def test_duplicate_ids_in_the_shards_are_a_stage_error(tmp_path):
-    from stages.cli import StageError
+    from imgpipe.core.errors import StageError
 
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -13,10 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import report
-from stages.sources import Source
+from imgpipe.reports import evaluation as report
+from imgpipe.data.sources import Source
 
 from .mnist_run import DATA_QUALITY, MISLABELLED, MNIST
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 
 def outputs(mnist_run):

@@ -8,11 +8,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import evaluate, gate
-from stages.cli import StageError
-from stages.params import Evaluate
+from stages import evaluate
+from imgpipe.evaluation import scoring
+from imgpipe.evaluation import gate
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Evaluate
 
 from .mnist_run import run_params
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 METRICS = {
     "accuracy": 0.8, "loss": 0.5, "macro_f1": 0.79, "weighted_f1": 0.8, "num_test": 100,
@@ -127,7 +132,7 @@ def test_failing_gate_fails_evaluate_after_writing_the_report(mnist_run, tmp_pat
     accuracy = accuracy_of(mnist_run)
     params, reports = evaluate_again(mnist_run, tmp_path, min_accuracy=0.99, gate_action="fail")
     with pytest.raises(StageError) as failure:
-        evaluate.run(params)
+        evaluate.run(params.evaluate, params.paths, params.ingest)
     shortfall = f"accuracy {accuracy:.4f} is {0.99 - accuracy:.4f} below the minimum 0.9900 (evaluate.min_accuracy)"
     assert shortfall in str(failure.value)
     assert str(reports / "evaluation" / "index.html") in str(failure.value)
@@ -147,7 +152,7 @@ def test_warning_gate_goes_on_exports_but_does_not_bless(mnist_run, tmp_path, ca
     (tmp_path / "blessed.json").write_text(json.dumps({"blessed": [better]}))
     params, reports = evaluate_again(mnist_run, tmp_path, max_accuracy_drop=0.05, gate_action="warn")
     with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
-        evaluate.run(params)
+        evaluate.run(params.evaluate, params.paths, params.ingest)
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["gate"]["verdict"] == "warned"
     drop = {c["name"]: c for c in metrics["gate"]["checks"]}["max_accuracy_drop"]
@@ -159,11 +164,11 @@ def test_warning_gate_goes_on_exports_but_does_not_bless(mnist_run, tmp_path, ca
 
 def test_passing_gate_blesses_the_model_with_its_metrics(mnist_run, tmp_path):
     params, reports = evaluate_again(mnist_run, tmp_path, min_accuracy=0.5)
-    evaluate.run(params)
+    evaluate.run(params.evaluate, params.paths, params.ingest)
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["gate"]["verdict"] == "blessed"
     (record,) = gate.read_blessed(tmp_path / "blessed.json")
     assert record["md5"] == evaluate.file_md5(Path(params.paths.model))
     assert record["metrics"]["accuracy"] == metrics["accuracy"]
     test_ids = pd.read_csv(reports / "evaluation" / "predictions.csv", dtype=str)["id"]
-    assert record["test_set"] == evaluate.ids_fingerprint(test_ids)
+    assert record["test_set"] == scoring.ids_fingerprint(test_ids)

@@ -20,13 +20,21 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from stages import evaluate, model_io, predict, shards, train
-from stages.cli import StageError
-from stages.export import MODEL, PREPROCESS
-from stages.model import build
-from stages.params import Train
+from stages import evaluate
+from imgpipe.model import inference
+from imgpipe.model import loading as model_io
+from imgpipe.model import predict
+from imgpipe.model import shards
+from stages import train
+from imgpipe.core.errors import StageError
+from imgpipe.model.export import MODEL, PREPROCESS
+from imgpipe.model.builder import build
+from imgpipe.core.params import Train
 from tests.model.test_model import TinyHubModel
 from tests.model.test_train_evaluate import CLASSES, make_params, read_mnist, write_rebalance, write_shards
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 PER_CLASS = {"train": 20, "val": 5, "test": 8}
 SIZE = 32  # the hub module's input size (train.backbone_size)
@@ -46,8 +54,8 @@ def hub_run(tmp_path_factory):
     write_rebalance(root / "rebalance", written["train"])
     params = make_params(root / "shards", root, rebalance=root / "rebalance", backbone="hub",
                          hub_handle=str(root / "hub"), backbone_size=SIZE, weights="none", epochs=1)
-    train.run(params)
-    evaluate.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
+    evaluate.run(params.evaluate, params.paths, params.ingest)
     return params, root / "hub"
 
 
@@ -66,7 +74,7 @@ def test_evaluate_loads_the_hub_model_and_says_why(hub_run, caplog):
     # the saved model refers to the SavedModel by its (absolute) path
     assert model_io.savedmodel_paths(params.paths.model) == [str(hub)]
     caplog.set_level(logging.INFO)
-    evaluate.load_model(Path(params.paths.model), shards.read_meta(params.paths.shards))
+    inference.load_model(Path(params.paths.model), shards.read_meta(params.paths.shards))
     (line,) = [r.getMessage() for r in caplog.records if "safe_mode=False" in r.getMessage()]
     assert "TF Hub" in line and str(hub) in line
 
@@ -116,7 +124,7 @@ def test_a_moved_savedmodel_is_an_error_naming_it(hub_run, tmp_path, capsys):
 
     message = f"the SavedModel {tmp_path / 'hub'}, is not there"
     with pytest.raises(StageError, match=message):
-        evaluate.load_model(export / MODEL, shards.read_meta(params.paths.shards))
+        inference.load_model(export / MODEL, shards.read_meta(params.paths.shards))
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.zeros((28, 28), np.uint8))
     code, _, err = run_predict(capsys, "--trust-model", "--model", export, image)

@@ -24,11 +24,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from stages import train as train_stage  # noqa: E402
-from stages.backbones import unfreeze_top  # noqa: E402
-from stages.cli import StageError  # noqa: E402
-from stages.model import build, compile_for_training, to_pixel_range  # noqa: E402
-from stages.params import Train  # noqa: E402
+from imgpipe.model import training  # noqa: E402
+from imgpipe.model.backbones import unfreeze_top  # noqa: E402
+from imgpipe.core.errors import StageError  # noqa: E402
+from imgpipe.model.builder import build, compile_for_training, to_pixel_range  # noqa: E402
+from imgpipe.core.params import Train  # noqa: E402
 
 AUGMENT_ALL = {"augment_flip": "horizontal", "augment_rotation": 15.0, "augment_shift": 0.1, "augment_zoom": 0.1,
                "augment_shear": 0.1, "augment_brightness": 0.2, "augment_contrast": 0.2, "erasing_probability": 0.5}
@@ -200,7 +200,7 @@ def test_missing_hub_handle_is_a_stage_error_naming_it(tmp_path):
 
 
 def test_mixed_precision_keeps_float32_probabilities_and_falls_back_to_float32_on_a_cpu():
-    with train_stage.precision(True):
+    with training.precision(True):
         assert keras.config.dtype_policy().name == "float32"  # no GPU here
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")

@@ -17,8 +17,16 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from stages import evaluate, predict, preprocess, rebalance, train
-from stages.params import params_from_dict
+from imgpipe.core.runner import run_stage
+from stages import evaluate
+from imgpipe.model import predict
+from stages import preprocess
+from stages import rebalance
+from stages import train
+from imgpipe.core.params import params_from_dict
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWERS = ROOT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
@@ -42,16 +50,17 @@ def flowers_run(tmp_path_factory):
     params = params_from_dict({
         "paths": {"split": str(root / "split.csv"), "shards": str(root / "shards"), "rebalance": str(root / "rebalance"),
                   "model": str(root / "models" / "model.keras"), "reports": str(root / "reports"),
+                  "train_log": str(root / "reports" / "train_log.csv"),
                   "data_quality": str(root / "reports" / "data_quality")},
         "ingest": {"source": str(FLOWERS), "layout": "folders"},
         "preprocess": {"colour_mode": "rgb", "size": [48, 48], "blur_kernel": 3, "normalization": "standardize",
                        "standardize_scope": "dataset"},
-        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4, "batch_size": 16, "learning_rate": 0.01,
-                  "cache_dir": str(root / "cache")},
+        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4, "batch_size": 16, "learning_rate": 0.01},
+        "runtime": {"train_cache_dir": str(root / "cache")},
         "evaluate": {"export_dir": str(root / "models" / "export"), "blessed_file": str(root / "models" / "blessed.json")},
     })
     for stage in (preprocess, rebalance, train, evaluate):
-        stage.run(params)
+        run_stage(stage, params)
     recorded = pd.read_csv(root / "reports" / "evaluation" / "predictions.csv")
     return params, recorded
 

@@ -17,8 +17,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from imgpipe.core.runner import run_stage
 from stages import train
+from imgpipe.model import training
 from tests.model.test_train_evaluate import ROOT, make_params, shard_data
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 # MNIST 0, 1 and 7: few images, so that each run takes seconds
 PER_CLASS = {"train": 30, "val": 10, "test": 0}
@@ -35,7 +40,7 @@ def params_for(data, out: Path, **train_params):
 
 
 def read_log(params) -> pd.DataFrame:
-    return pd.read_csv(Path(params.paths.reports) / train.TRAIN_LOG)
+    return pd.read_csv(params.paths.train_log)
 
 
 def epoch_labels(ds) -> np.ndarray:
@@ -48,26 +53,26 @@ def test_stream_is_reproducible_reshuffled_every_epoch_and_complete(data):
     meta = json.loads((shards / "meta.json").read_text())
     copies = {image_id: 1 for image_id, _ in written["train"]}
     params = params_for(data, folder, batch_size=16, shuffle_buffer=32)
-    ds = train.training_dataset(shards, meta, copies, params.train, seed=3)
+    ds = training.training_dataset(shards, meta, copies, params.train, seed=3)
     first, second = epoch_labels(ds), epoch_labels(ds)
-    np.testing.assert_array_equal(first, epoch_labels(train.training_dataset(shards, meta, copies, params.train, 3)))
+    np.testing.assert_array_equal(first, epoch_labels(training.training_dataset(shards, meta, copies, params.train, 3)))
     assert not np.array_equal(first, second)
     assert np.bincount(first).tolist() == np.bincount(second).tolist() == [30, 30, 30]
     fast = params_for(data, folder, batch_size=16, deterministic=False).train
-    assert np.bincount(epoch_labels(train.training_dataset(shards, meta, copies, fast, 3))).tolist() == [30, 30, 30]
+    assert np.bincount(epoch_labels(training.training_dataset(shards, meta, copies, fast, 3))).tolist() == [30, 30, 30]
 
 
 def test_head_trains_on_cached_features_computed_once(data, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     params = params_for(data, tmp_path, epochs=1)
-    train.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
     (cache_file,) = (tmp_path / "cache" / "embeddings").glob("*.npy")
     assert len(np.load(cache_file, mmap_mode="r")) == 3 * (PER_CLASS["train"] + PER_CLASS["val"])
     assert json.loads(cache_file.with_suffix(".json").read_text())["backbone"] == "mobilenet"
     assert "computing 120" in caplog.text
     # a head-only variation computes nothing; the saved model is still the whole classifier
     caplog.clear()
-    train.run(params_for(data, tmp_path, epochs=1, learning_rate=0.02, dropout=0.5))
+    run_stage(train, params_for(data, tmp_path, epochs=1, learning_rate=0.02, dropout=0.5))
     assert "computing 0" in caplog.text
     model = keras.saving.load_model(tmp_path / "models" / "model.keras", safe_mode=True)
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 3)
@@ -76,19 +81,19 @@ def test_head_trains_on_cached_features_computed_once(data, tmp_path, caplog):
 
 def fitted_models(monkeypatch) -> list[list[str]]:
     """The layer names of each model train compiles (one per phase), recorded as it runs."""
-    seen, compile_for_training = [], train.compile_for_training
+    seen, compile_for_training = [], training.compile_for_training
 
     def spy(model, learning_rate):
         seen.append([layer.name for layer in model.layers])
         compile_for_training(model, learning_rate)
 
-    monkeypatch.setattr(train, "compile_for_training", spy)
+    monkeypatch.setattr(training, "compile_for_training", spy)
     return seen
 
 
 def test_augmentation_in_phase1_bypasses_the_cache(data, tmp_path, monkeypatch):
     seen = fitted_models(monkeypatch)
-    train.run(params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal"))
+    run_stage(train, params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal"))
     assert not (tmp_path / "cache" / "embeddings").exists()
     assert len(seen) == 1 and "augment" in seen[0]
 
@@ -97,7 +102,7 @@ def test_augmentation_kept_for_fine_tuning_leaves_phase1_the_cache(data, tmp_pat
     seen = fitted_models(monkeypatch)
     params = params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal",
                         augment_in_phase1=False, fine_tune_layers=3, fine_tune_epochs=1)
-    train.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 1
     assert seen[0] == ["features", "dropout", "classes"]  # the head, on cached features
     assert "augment" in seen[1]
@@ -108,7 +113,7 @@ def test_plateau_reduces_the_learning_rate_then_stops_early(data, tmp_path):
     # So small a learning rate moves no float32 weight: the validation loss stays exactly put.
     params = params_for(data, tmp_path, epochs=10, learning_rate=1e-12, reduce_lr_patience=1, reduce_lr_factor=0.5,
                         early_stopping_patience=2)
-    train.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
     log = read_log(params)
     assert log["epoch"].tolist() == [0, 1, 2]  # no improvement after epoch 0: stopped after two more
     assert log["learning_rate"].tolist() == pytest.approx([1e-12, 1e-12, 5e-13])
@@ -117,11 +122,11 @@ def test_plateau_reduces_the_learning_rate_then_stops_early(data, tmp_path):
 def test_the_saved_model_is_the_best_epoch(data, tmp_path):
     # a learning rate far too high: the validation loss jumps around, the best epoch is not the last
     params = params_for(data, tmp_path, epochs=4, learning_rate=3.0, dropout=0.0)
-    train.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
     log = read_log(params)
     model = keras.saving.load_model(Path(params.paths.model), safe_mode=True)
     folder = Path(params.paths.shards)
-    ds = train.validation_dataset(folder, json.loads((folder / "meta.json").read_text()), 64)
+    ds = training.validation_dataset(folder, json.loads((folder / "meta.json").read_text()), 64)
     model.compile(loss="sparse_categorical_crossentropy")
     assert model.evaluate(ds, verbose=0) == pytest.approx(log["val_loss"].min(), rel=1e-4)
 
@@ -133,23 +138,23 @@ class Interrupt(Exception):
 def test_two_phases_and_resuming_an_interrupted_fine_tuning(data, tmp_path, monkeypatch):
     params = params_for(data, tmp_path, backbone_size=32, epochs=2, fine_tune_layers=8, fine_tune_epochs=3,
                         fine_tune_learning_rate=1e-4)
-    original = train.EpochLog.on_epoch_end
+    original = training.EpochLog.on_epoch_end
 
     def crash_in_the_second_fine_tuning_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 3:
             raise Interrupt
 
-    monkeypatch.setattr(train.EpochLog, "on_epoch_end", crash_in_the_second_fine_tuning_epoch)
+    monkeypatch.setattr(training.EpochLog, "on_epoch_end", crash_in_the_second_fine_tuning_epoch)
     with pytest.raises(Interrupt):
-        train.run(params)
+        train.run(params.train, params.paths, params.base, params.runtime)
     (run_dir,) = (tmp_path / "cache" / "runs").iterdir()
-    before = pd.read_csv(run_dir / train.TRAIN_LOG)
+    before = pd.read_csv(run_dir / training.TRAIN_LOG)
     assert before["epoch"].tolist() == [0, 1, 2, 3]
 
-    monkeypatch.setattr(train.EpochLog, "on_epoch_end", original)
-    monkeypatch.setattr(train, "cached_datasets", None)  # phase 1 is done: it must not run again
-    train.run(params)
+    monkeypatch.setattr(training.EpochLog, "on_epoch_end", original)
+    monkeypatch.setattr(training, "cached_datasets", None)  # phase 1 is done: it must not run again
+    train.run(params.train, params.paths, params.base, params.runtime)
     log = read_log(params)
     assert log["epoch"].tolist() == [0, 1, 2, 3, 4]
     assert log["phase"].tolist() == ["head", "head", "fine_tune", "fine_tune", "fine_tune"]
@@ -162,12 +167,13 @@ def test_a_killed_train_stage_resumes_from_its_last_epoch(data, tmp_path):
     folder, _ = data
     epochs = 8
     params_file = tmp_path / "params.yaml"
-    settings = {"backbone": "lenet", "weights": "none", "backbone_size": 28, "epochs": epochs, "batch_size": 16,
-                "cache_dir": str(tmp_path / "cache")}
+    settings = {"backbone": "lenet", "weights": "none", "backbone_size": 28, "epochs": epochs, "batch_size": 16}
     params_file.write_text(yaml.safe_dump({
         "paths": {"shards": str(folder / "shards"), "rebalance": str(folder / "rebalance"),
-                  "model": str(tmp_path / "model.keras"), "reports": str(tmp_path / "reports")},
+                  "model": str(tmp_path / "model.keras"), "reports": str(tmp_path / "reports"),
+                  "train_log": str(tmp_path / "reports" / "train_log.csv")},
         "train": settings,
+        "runtime": {"train_cache_dir": str(tmp_path / "cache")},
     }))
     command = [sys.executable, "-m", "stages.train", "--params", str(params_file)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -187,7 +193,7 @@ def test_a_killed_train_stage_resumes_from_its_last_epoch(data, tmp_path):
     assert "resuming lenet" in second.stderr
     logged = [int(n) for n in re.findall(r"epoch (\d+)/", second.stderr)]
     assert logged == list(range(resume_at + 1, epochs + 1))  # 1-based: continued from where the backup was
-    log = pd.read_csv(tmp_path / "reports" / train.TRAIN_LOG)
+    log = pd.read_csv(tmp_path / "reports" / training.TRAIN_LOG)
     assert log["epoch"].tolist() == list(range(epochs))
     assert (tmp_path / "model.keras").is_file()
 
@@ -217,7 +223,7 @@ def backed_up_epoch(runs: Path) -> int:
     ({"reduce_lr_factor": 1.0}, "train.reduce_lr_factor must be between 0 and 1"),
 ])
 def test_bad_train_params_are_named(settings, message):
-    from stages.params import ParamsError, params_from_dict
+    from imgpipe.core.params import ParamsError, params_from_dict
 
     with pytest.raises(ParamsError, match=message):
         params_from_dict({"train": settings})

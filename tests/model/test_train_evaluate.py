@@ -17,10 +17,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate, train
-from stages.cli import StageError
-from stages.params import params_from_dict
-from stages.shards import ShardWriter
+from imgpipe.core.runner import run_stage
+from stages import evaluate
+from stages import train
+from imgpipe.model import training
+from imgpipe.core.errors import StageError
+from imgpipe.core.params import Preprocess, params_from_dict
+from imgpipe.model import shards
+from imgpipe.model.shards import ShardWriter
+
+# trains a real model: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MNIST = ROOT.parent / "shared" / "datasets" / "mnist-t10k"
@@ -49,6 +56,7 @@ def write_shards(folder: Path, per_class: dict[str, int]) -> dict[str, list[tupl
         "height": 28, "width": 28, "channels": 1, "dtype": "float16", "classes": CLASSES, "colour_mode": "grey",
         "counts": {}, "class_counts": {}, "files": {}, "normalization": "unit",
         "standardize_scope": "dataset", "mean": None, "std": None, "size": [28, 28],
+        "preprocess": shards.pixel_params(Preprocess(colour_mode="grey", size=(28, 28), normalization="unit")),
     }
     written = {}
     for split, n in per_class.items():
@@ -84,8 +92,7 @@ def write_rebalance(folder: Path, train_ids: list[tuple[str, int]], method="none
 
 
 def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_params):
-    settings = {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01,
-                "cache_dir": str(out / "cache")}
+    settings = {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01}
     return params_from_dict(
         {
             "paths": {
@@ -93,8 +100,10 @@ def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_
                 "rebalance": str(rebalance or out / "rebalance"),
                 "model": str(out / "models" / "model.keras"),
                 "reports": str(out / "reports"),
+                "train_log": str(out / "reports" / "train_log.csv"),
             },
             "train": {**settings, **train_params},
+            "runtime": {"train_cache_dir": str(out / "cache")},
             "evaluate": {"max_misclassified": 200, "export_dir": str(out / "export"), "blessed_file": str(out / "blessed.json")},
         }
     )
@@ -118,8 +127,8 @@ def trained(data, tmp_path_factory):
     """One real train + evaluate run, inspected by several tests."""
     folder, written = data
     params = make_params(folder / "shards", tmp_path_factory.mktemp("run"), rebalance=folder / "rebalance")
-    train.run(params)
-    evaluate.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
+    evaluate.run(params.evaluate, params.paths, params.ingest)
     return params, written
 
 
@@ -138,7 +147,7 @@ def test_model_is_saved_and_reloads(trained):
 
 def test_train_log_has_one_row_per_epoch(trained):
     params, _ = trained
-    log = pd.read_csv(Path(params.paths.reports) / "train_log.csv")
+    log = pd.read_csv(params.paths.train_log)
     assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate", "phase"]
     assert log["epoch"].tolist() == list(range(params.train.epochs))
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
@@ -190,7 +199,7 @@ def test_evaluate_is_deterministic_and_caps_the_mistakes_listed(trained, tmp_pat
     capped = params_from_dict(
         {"paths": {**vars(params.paths), "reports": str(tmp_path)}, "evaluate": {**vars(params.evaluate), "max_misclassified": 2}}
     )
-    evaluate.run(capped)
+    evaluate.run(capped.evaluate, capped.paths, capped.ingest)
     assert (tmp_path / "metrics.json").read_bytes() == (reports / "metrics.json").read_bytes()
     assert (tmp_path / "confusion.csv").read_bytes() == (reports / "confusion.csv").read_bytes()
     full = (reports / "misclassified.csv").read_text().splitlines()
@@ -204,7 +213,7 @@ def test_copies_set_the_images_and_steps_of_an_epoch(data):
     # oversample digit 0 three times, keep 1 once, drop 7
     copies = {image_id: {0: 3, 1: 1, 2: 0}[label] for image_id, label in written["train"]}
     params = make_params(shards, folder, batch_size=32)
-    ds = train.training_dataset(shards, meta, copies, params.train, seed=0)
+    ds = training.training_dataset(shards, meta, copies, params.train, seed=0)
     expected_steps = math.ceil((3 * 100 + 100) / 32)
     assert int(ds.cardinality()) == expected_steps  # what Keras counts as the steps of an epoch
     labels = np.concatenate([batch_labels for _, batch_labels in ds.as_numpy_iterator()])
@@ -218,8 +227,8 @@ def test_class_weight_reaches_the_loss(data, tmp_path):
     folder, written = data
     write_rebalance(tmp_path / "rebalance", written["train"], "class_weight", class_weight={"0": 1.0, "1": 1.0, "7": 0.001})
     params = make_params(folder / "shards", tmp_path, epochs=1)
-    train.run(params)
-    evaluate.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
+    evaluate.run(params.evaluate, params.paths, params.ingest)
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["per_class"]["7"]["recall"] < 0.5
     assert metrics["per_class"]["0"]["recall"] > 0.8 and metrics["per_class"]["1"]["recall"] > 0.8
@@ -229,7 +238,7 @@ def test_trains_without_a_validation_split(tmp_path):
     written = write_shards(tmp_path / "shards", {"train": 20, "val": 0, "test": 5})
     write_rebalance(tmp_path / "rebalance", written["train"])
     params = make_params(tmp_path / "shards", tmp_path, epochs=1, backbone_size=32)
-    train.run(params)
+    train.run(params.train, params.paths, params.base, params.runtime)
     log = pd.read_csv(tmp_path / "reports" / "train_log.csv")
     # the validation columns stay, marked NA, so the log's layout never changes
     assert list(log.columns) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss", "learning_rate", "phase"]
@@ -240,11 +249,11 @@ def test_trains_without_a_validation_split(tmp_path):
 def test_missing_inputs_are_stage_errors_naming_them(data, tmp_path):
     folder, written = data
     with pytest.raises(StageError, match="meta.json"):
-        train.run(make_params(tmp_path / "no-shards", tmp_path))
+        run_stage(train, make_params(tmp_path / "no-shards", tmp_path))
     with pytest.raises(StageError, match=str(tmp_path / "rebalance" / "plan.json")):
-        train.run(make_params(folder / "shards", tmp_path))
+        run_stage(train, make_params(folder / "shards", tmp_path))
     write_rebalance(tmp_path / "rebalance", written["train"][:-1])
     with pytest.raises(StageError, match="lists 299 training images but the shards hold 300"):
-        train.run(make_params(folder / "shards", tmp_path))
+        run_stage(train, make_params(folder / "shards", tmp_path))
     with pytest.raises(StageError, match=str(tmp_path / "models" / "model.keras")):
-        evaluate.run(make_params(folder / "shards", tmp_path))
+        run_stage(evaluate, make_params(folder / "shards", tmp_path))

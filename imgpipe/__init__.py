@@ -1,0 +1,1 @@
+"""imgpipe: an image-classification pipeline (DVC + Prefect) for data larger than memory."""

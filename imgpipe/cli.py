@@ -1,0 +1,4 @@
+"""The `imgpipe` command (placeholder, filled below)."""
+import typer
+
+app = typer.Typer()

@@ -1,0 +1,256 @@
+"""Ingest: list every raw input once, with its content id and what its bytes really are.
+
+Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: per image):
+
+    id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error,
+    sharpness, brightness, contrast, phash, phash_mirror
+
+`id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
+The last five columns describe the pixels (stages/image_facts.py); they are empty when the image
+could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
+`validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
+processes (one per core by default) in listing order: memory does not grow with the dataset,
+and the manifest's bytes do not depend on the number of workers. An image whose header claims
+more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
+the stage allocate gigabytes. With `ingest.cache_dir`, a re-run reads only the files that
+changed since the last one (stages/facts_cache.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import hashlib
+import io
+import itertools
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import cv2
+from tqdm import tqdm
+
+from imgpipe.data import facts_cache
+from imgpipe.images import facts as image_facts
+from imgpipe.images import formats as imagefile
+from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
+
+COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
+           "error", "sharpness", "brightness", "contrast", "phash", "phash_mirror"]
+# files per task sent to a worker: large enough that messaging costs little per image
+CHUNKSIZE = 256
+# the columns that depend on a file's bytes only: what the facts cache keeps
+RECORD_COLUMNS = ["label", "path", "source_split"]
+BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
+assert COLUMNS[1:4] == RECORD_COLUMNS  # manifest_row puts them back after the id
+assert COLUMNS[-5:] == list(image_facts.ImageFacts._fields)  # describe appends the facts' row
+_NO_FACTS = [None] * len(image_facts.ImageFacts._fields)
+# What an image file within ingest.max_pixels can hold: 8 bytes a pixel (16-bit RGBA stored raw,
+# in a BMP or TIFF), and 64 MiB of what may come with the pixels (metadata, an embedded preview,
+# the video a phone's motion photo appends). A larger file (a video, an archive) is hashed as it
+# streams by, never held in memory.
+BYTES_PER_PIXEL = 8
+EXTRA_BYTES = 64 << 20
+log = logging.getLogger(__name__)
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file ingest reads into memory (see BYTES_PER_PIXEL)."""
+    return BYTES_PER_PIXEL * max_pixels + EXTRA_BYTES
+
+
+def describe(data: bytes, max_pixels: int, facts: image_facts.FactsBatch | None = None) -> list:
+    """What the bytes of one image file say, in BYTE_COLUMNS order: pure, the same bytes give the same values.
+
+    A list in column order, not a dict: it runs once per image, and the CSV writer and the facts
+    cache both take the values in that order. With `facts`, a batch shared by many calls, the
+    last five values (the image's facts) are appended when the batch is finished.
+    """
+    looked = imagefile.look(data, max_pixels, image_facts.FACTS_SIDE)
+    if looked.shape is None:
+        return [hashlib.sha1(data).hexdigest(), looked.format, None, None, None, None, len(data), looked.error,
+                *_NO_FACTS]
+    values = [hashlib.sha1(data).hexdigest(), looked.format, *looked.shape, len(data), ""]
+    return _with_facts(values, looked.pixels, facts)
+
+
+def describe_pixels(pixels, facts: image_facts.FactsBatch | None = None) -> list:
+    """What one IDX image says, in BYTE_COLUMNS order: raw 8-bit grey pixels, nothing to decode."""
+    height, width = pixels.shape
+    values = [hashlib.sha1(pixels.tobytes()).hexdigest(), "idx", width, height, 1, 8, pixels.size, ""]
+    return _with_facts(values, pixels, facts)
+
+
+def _with_facts(values: list, pixels, facts: image_facts.FactsBatch | None) -> list:
+    if facts is None:
+        return values + list(image_facts.facts(pixels).row())
+    facts.add(pixels, values)
+    return values
+
+
+def unreadable(reason: str) -> list:
+    """The values of a file that could not be read: no id, so never cached."""
+    return [None, "unknown", None, None, None, None, None, reason, *_NO_FACTS]
+
+
+def file_values(record: Record, root: str, max_pixels: int, facts: image_facts.FactsBatch | None = None) -> list:
+    """What one file of a folder or CSV source says, in BYTE_COLUMNS order (in a worker process, if there are
+    any); with `facts`, see describe."""
+    if record.problem:
+        return unreadable(record.problem)
+    try:
+        data = read_file(root, record.path, limit=max_file_bytes(max_pixels))
+    except TooLarge:
+        return too_large(root, record.path, max_pixels)
+    except OSError as exc:
+        return unreadable(f"cannot read file: {exc.strerror}")
+    return describe(data, max_pixels, facts)
+
+
+def too_large(root: str, path: str, max_pixels: int) -> list:
+    """The values of a file too large to hold an image within `max_pixels`: its id and format, from
+    bytes read 1 MB at a time, and why it is not described."""
+    try:
+        digest, head, size = hash_file(root, path)
+    except OSError as exc:
+        return unreadable(f"cannot read file: {exc.strerror}")
+    reason = (f"too large to read: {size} bytes, more than an image of {max_pixels} pixels (ingest.max_pixels) "
+              f"can take ({max_file_bytes(max_pixels)} bytes)")
+    return [digest, imagefile.detect_format(head), None, None, None, None, size, reason, *_NO_FACTS]
+
+
+def manifest_row(record: Record, values: list) -> list:
+    """A manifest row (COLUMNS order): the id, then what the record says, then what the bytes say."""
+    return [values[0], record.label, record.path, record.source_split, *values[1:]]
+
+
+def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
+           cache: facts_cache.FactsCache | None = None) -> int:
+    """Write the manifest (header, then one row per input, in listing order) to `out`; returns the rows.
+
+    With a `cache`, a file it knows (same path, inode, size and time) is not read again.
+    """
+    csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
+    batches = _batched(source.records(), CHUNKSIZE)
+    if source.layout == "idx":
+        def idx_lines(batch: list[Record]) -> Described:
+            facts = image_facts.FactsBatch()
+            values = [describe_pixels(source.read_idx_pixels(r.path), facts) for r in batch]
+            facts.finish()
+            return _csv(map(manifest_row, batch, values)), len(batch), [], 0
+
+        return write_lines(map(idx_lines, batches), out)
+    work = functools.partial(describe_files, root=str(source.root), max_pixels=max_pixels)
+    folder = cache.folder if cache else None
+    if workers == 1:
+        with _reader_in_this_process(folder):
+            return write_lines(map(work, batches), out, cache)
+    # Forked workers start in milliseconds; ingest never imports TensorFlow, whose threads do not
+    # survive a fork. `imap` returns the batches in listing order, so the manifest's bytes do not
+    # depend on the number of workers, and it reads the listing only as fast as the workers need
+    # it (the pipe to them is bounded), so memory stays flat. Each worker sends back the CSV text
+    # of a batch, not its rows, and looks its files up in the facts cache itself: the main
+    # process, which shares the cores, only lists, writes and stores.
+    with (_single_threaded_opencv(),
+          multiprocessing.get_context("fork").Pool(workers, initializer=_open_reader, initargs=(folder,)) as pool):
+        return write_lines(pool.imap(work, batches), out, cache)
+
+
+# what a batch of files gives: its manifest rows as CSV text, their number, the facts-cache
+# entries of the files read (key, encoded row) and the number of files found in the cache
+Described = tuple[str, int, list[tuple[str, str]], int]
+
+# this process's read-only view of the facts cache (None: no cache); each worker opens its own
+_reader: facts_cache.Reader | None = None
+
+
+def _open_reader(folder: Path | None) -> None:
+    global _reader
+    _reader = facts_cache.Reader(folder) if folder else None
+
+
+@contextlib.contextmanager
+def _reader_in_this_process(folder: Path | None):
+    _open_reader(folder)
+    try:
+        yield
+    finally:
+        if _reader:
+            _reader.close()
+        _open_reader(None)
+
+
+def describe_files(records: list[Record], root: str, max_pixels: int) -> Described:
+    """What a batch of files gives (see Described): the cached rows of the files the cache knows, and
+    the others read and described."""
+    keys, cached = _look_up(records, root, max_pixels)
+    facts = image_facts.FactsBatch()  # the files' facts are completed together, once all are read
+    values = [file_values(r, root, max_pixels, facts) if v is None else v for r, v in zip(records, cached)]
+    facts.finish()
+    # read and described (an id): the same bytes give the same row
+    fresh = [(key, facts_cache.encode(v)) for key, v, c in zip(keys, values, cached)
+             if c is None and key is not None and v[0] is not None]
+    return _csv(map(manifest_row, records, values)), len(records), fresh, len(records) - cached.count(None)
+
+
+def _look_up(records: list[Record], root: str, max_pixels: int) -> tuple[list, list]:
+    """Each file's key in the facts cache (None: not to be cached) and the values the cache holds
+    for it, in BYTE_COLUMNS order (None: not cached, or no cache)."""
+    if _reader is None:
+        nothing = [None] * len(records)
+        return nothing, nothing
+    base = os.path.abspath(root)  # once per batch: the keys hold absolute paths
+    keys = [None if r.problem else facts_cache.file_key(os.path.join(base, r.path), max_pixels) for r in records]
+    return keys, _reader.get(keys)
+
+
+def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    records = iter(records)
+    while batch := list(itertools.islice(records, size)):
+        yield batch
+
+
+def _csv(rows: Iterable[list]) -> str:
+    """Manifest rows (lists in COLUMNS order; None is an empty field) as CSV text."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
+
+
+@contextlib.contextmanager
+def _single_threaded_opencv():
+    """The worker processes are the parallelism: OpenCV's own threads would only compete with them.
+
+    Set before forking, which the workers inherit: a forked worker cannot change it itself (if
+    this process has used OpenCV's thread pool, OpenCV would wait for threads a fork does not copy).
+    """
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def write_lines(batches: Iterable[Described], out: TextIO, cache: facts_cache.FactsCache | None = None) -> int:
+    """Write each batch's CSV text to `out` and its new entries to the cache; returns the rows written."""
+    count = 0
+    with tqdm(desc="ingest", unit="img", mininterval=2, disable=None) as progress:
+        for text, rows, fresh, hits in batches:
+            out.write(text)
+            count += rows
+            progress.update(rows)
+            if cache is not None:
+                cache.put(fresh)
+                cache.hits += hits
+    return count
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (fewer than the machine's in a container or cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+

@@ -1,0 +1,1 @@
+"""Judging a model from its predictions, NumPy and pandas: scores, curves and the gate."""

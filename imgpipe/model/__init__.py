@@ -1,0 +1,1 @@
+"""TensorFlow and Keras: shards, backbones, the model builder, training, loading, export and prediction."""

@@ -1,0 +1,78 @@
+"""Evaluate: the trained model on the test split, judged by the gate, reported, and exported.
+
+Reads  <paths.model>, the test split of <paths.shards>/, <paths.reports>/train_log.csv,
+       <paths.data_quality>/summary.json, and the original images of the worst mistakes (from
+       ingest.source, for the gallery's thumbnails).
+Writes <paths.reports>/metrics.json       accuracy, loss, macro/weighted F1, ROC AUC, average
+                                          precision, per-class scores, the gate's verdict and checks
+       <paths.reports>/confusion.csv      one row per test image: actual,predicted (class names)
+       <paths.reports>/misclassified.csv  the worst mistakes first: path,id,true,predicted,confidence
+       <paths.reports>/roc.csv, precision_recall.csv   the curves (see `ranking_scores`)
+       <paths.reports>/evaluation/        index.html (the report), gallery.html + thumbnails, the
+                                          plots as PNG, predictions.csv (every test image)
+       <evaluate.export_dir>/             the model for predict and TF Serving (stages/export.py)
+       <evaluate.blessed_file>            one more record when the gate blesses the model (stages/gate.py)
+
+The test split streams through the model in batches; only the class probabilities per image are
+kept. The metrics are plain NumPy on those numbers (pure functions, tested on hand-computed cases).
+A failing gate (gate_action: fail) fails the stage after every report is written, so the
+reviewer can read why; the model is then neither exported nor blessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from imgpipe.model import loading as model_io
+from imgpipe.model import shards
+from imgpipe.core.errors import StageError
+
+log = logging.getLogger(__name__)
+
+# Images per forward pass: a matter of speed and memory only, the results do not depend on it.
+BATCH_SIZE = 256
+
+
+# -- I/O -------------------------------------------------------------------------------------
+
+
+def predict_split(model: keras.Model, folder: Path, meta: dict, split: str = "test") -> tuple[pd.DataFrame, np.ndarray]:
+    """Per image of `split`, in shard order: a frame (path, id, label, predicted, confidence, p_true)
+    and the class probabilities [images, classes]."""
+    parts, probs = [], []
+    batches = shards.dataset(folder, split, meta).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+    for batch in batches.as_numpy_iterator():
+        p = model.predict_on_batch(batch["image"])
+        labels = batch["label"]
+        probs.append(p)
+        parts.append(pd.DataFrame({
+            "path": [x.decode() for x in batch["path"]],
+            "id": [x.decode() for x in batch["id"]],
+            "label": labels,
+            "predicted": p.argmax(axis=1),
+            "confidence": p.max(axis=1),
+            "p_true": p[np.arange(len(labels)), labels],
+        }))
+    return pd.concat(parts, ignore_index=True), np.concatenate(probs)
+
+
+def load_model(model_path: Path, meta: dict) -> keras.Model:
+    if not model_path.is_file():
+        raise StageError(f"{model_path}: model not found; run the train stage first")
+    # Safe mode (a model that would run Python code is refused), except for a TF Hub backbone:
+    # paths.model is this pipeline's own train stage's output, so its SavedModel is trusted.
+    model = model_io.load(model_path, trust=True)
+    expected = (meta["height"], meta["width"], meta["channels"])
+    if tuple(model.input_shape[1:]) != expected or model.output_shape[-1] != len(meta["classes"]):
+        raise StageError(
+            f"{model_path} takes {model.input_shape[1:]} images into {model.output_shape[-1]} classes, "
+            f"the shards hold {expected} images of {len(meta['classes'])} classes; re-run train"
+        )
+    return model
+

@@ -1,0 +1,194 @@
+"""Predict: the exported model on new image files, preprocessed exactly as the preprocess stage does.
+
+    python -m stages.predict photo.jpg more/photos/           # a table on stdout
+    python -m stages.predict --format csv --output preds.csv photos/
+    python -m stages.predict --model models/export --format json photos/
+    python -m stages.predict --trust-model photos/              # a model with a TF Hub backbone
+
+Reads <export dir>/model.keras (safe mode: a model file cannot run code; a model with a TF Hub
+backbone runs its SavedModel's graph, so it loads only with --trust-model) and preprocess.json
+(classes, preprocess params, normalisation stats), both written by the evaluate stage. Each file
+goes through the preprocess stage's own functions (OpenCV decode, transform, normalize, the
+shards' float16 rounding), so a test image gets the pixels, and the label, that evaluate saw.
+
+A file that is not an image, or that cannot be decoded, gets a message on stderr and a row with
+its error; the others still get predictions. Exit status: 0 when every file got a prediction,
+1 when some did not, 2 when nothing could run (no model, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from imgpipe.images import formats as imagefile
+from imgpipe.model import loading as model_io
+from imgpipe.model import shards
+from imgpipe.core.errors import StageError
+from imgpipe.model.export import MODEL, PREPROCESS, spec_preprocess
+from imgpipe.core.params import ParamsError, Preprocess, load_params
+from imgpipe.images.transforms import normalize, transform
+
+BATCH_SIZE = 64
+
+
+class PredictError(RuntimeError):
+    """Nothing can be predicted (a missing or unsafe model, no inputs): one line, exit status 2."""
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def list_inputs(paths: Iterable[str]) -> list[Path]:
+    """The files named, and every non-hidden file below the folders named, each folder in sorted order."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            files.append(path)  # a missing file gets its message when it is read
+    return files
+
+
+def pixels(data: bytes, p: Preprocess, spec: dict) -> np.ndarray:
+    """An image file's bytes -> the float32 pixels the model takes; ValueError saying why not."""
+    decoded = imagefile.decode(data, spec["max_pixels"])
+    if not decoded.ok:
+        raise ValueError(decoded.error)
+    x = normalize(transform(decoded.image, p), p, spec["mean"], spec["std"])
+    # the shards store float16: the model was trained and evaluated on pixels rounded to it
+    return x.astype(shards.STORE_DTYPE).astype(np.float32)
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def load_export(folder: str | Path, trust_model: bool = False):
+    """(model, spec) from an export folder; PredictError naming what is missing or refused.
+
+    The model loads in safe mode; one with a TF Hub backbone (a SavedModel layer, which runs that
+    SavedModel's graph) only when `trust_model`, as any model file may be given here.
+    """
+    folder = Path(folder)
+    spec_path, model_path = folder / PREPROCESS, folder / MODEL
+    for path in (spec_path, model_path):
+        if not path.is_file():
+            raise PredictError(f"{path} not found; the evaluate stage exports the model there (dvc repro)")
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    try:
+        # safe mode: a model file holding Python code (a Lambda layer) is refused, not run; a TF
+        # Hub backbone (a SavedModel's graph) only with --trust-model
+        model = model_io.load(model_path, trust=trust_model)
+    except model_io.UntrustedModel as exc:
+        raise PredictError(f"{exc}; pass --trust-model if you trust the model and that SavedModel") from None
+    except StageError as exc:
+        raise PredictError(str(exc)) from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise PredictError(f"{model_path}: cannot load the model safely: {exc}") from None
+    if tuple(model.input_shape[1:]) != tuple(spec["input_shape"]) or model.output_shape[-1] != len(spec["classes"]):
+        raise PredictError(f"{model_path} does not match {spec_path} (input shape or classes); re-export it")
+    return model, spec
+
+
+def predict(model, spec: dict, files: list[Path], batch_size: int = BATCH_SIZE) -> Iterator[dict]:
+    """One result per file, in order: {path, label, confidence, probabilities, error}."""
+    classes, p = spec["classes"], spec_preprocess(spec)
+    batch: list[tuple[Path, np.ndarray]] = []
+
+    def flush():
+        probs = model.predict_on_batch(np.stack([x for _, x in batch]))
+        for (path, _), p in zip(batch, probs):
+            yield {"path": str(path), "label": classes[int(p.argmax())], "confidence": float(p.max()),
+                   "probabilities": dict(zip(classes, map(float, p))), "error": ""}
+        batch.clear()
+
+    for path in tqdm(files, desc="predict", unit="img", file=sys.stderr, mininterval=1, disable=None):
+        try:
+            batch.append((path, pixels(path.read_bytes(), p, spec)))
+        except Exception as exc:  # noqa: BLE001  (whatever is wrong with one file must not stop the others)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            tqdm.write(f"predict: {path}: skipped, {reason}", file=sys.stderr)
+            yield {"path": str(path), "label": "", "confidence": None, "probabilities": {}, "error": reason}
+            continue
+        if len(batch) == batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def write_results(results: list[dict], classes: list[str], fmt: str, out) -> None:
+    if fmt == "json":
+        json.dump(results, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in classes), "error"])
+        for r in results:
+            probs = [_digits(r["probabilities"].get(c)) for c in classes]
+            writer.writerow([r["path"], r["label"], _digits(r["confidence"]), *probs, r["error"]])
+    else:
+        width = max((len(r["path"]) for r in results), default=4)
+        for r in results:
+            if not r["error"]:
+                out.write(f"{r['path']:<{width}}  {r['label']}  {r['confidence']:.4f}\n")
+
+
+def _digits(value) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def default_model_dir() -> str:
+    try:
+        return load_params("params.yaml").evaluate.export_dir
+    except ParamsError as exc:  # outside the project folder, or a broken params.yaml
+        raise PredictError(f"cannot tell where the exported model is ({exc}); pass --model DIR") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--model", help="export folder (default: evaluate.export_dir of ./params.yaml)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), help="default: table, or the --output file's suffix")
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--trust-model", action="store_true",
+                        help="load a model with a TF Hub backbone, which runs its SavedModel's graph "
+                             "(Keras' safe_mode=False); any other model loads in safe mode regardless")
+    args = parser.parse_args(argv)
+    fmt = args.format or {".csv": "csv", ".json": "json"}.get(Path(args.output or "").suffix, "table")
+    try:
+        files = list_inputs(args.inputs)
+        if not files:
+            raise PredictError(f"no files in {', '.join(args.inputs)}")
+        model, spec = load_export(args.model or default_model_dir(), args.trust_model)
+        results = list(predict(model, spec, files, max(1, args.batch_size)))
+    except PredictError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            write_results(results, spec["classes"], fmt, out)
+    else:
+        write_results(results, spec["classes"], fmt, sys.stdout)
+    failed = sum(1 for r in results if r["error"])
+    if failed:
+        print(f"predict: {failed} of {len(results)} file(s) got no prediction (see the messages above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

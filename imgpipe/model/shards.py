@@ -1,0 +1,210 @@
+"""Training-ready shards: TFRecord files of preprocessed images, streamed by tf.data.
+
+Layout of a shard folder (written by `preprocess`, read by `rebalance`, `train`, `evaluate`):
+
+    meta.json                   shapes, dtype, classes, counts per split, file names, normalisation
+    train-00000.tfrecord ...    one tf.train.Example per image:
+                                  image: raw float16 bytes, shape [height, width, channels]
+                                  label: int64 class index into meta["classes"]
+                                  id:    the image's sha1 (bytes)
+                                  path:  the image's path in the source (bytes)
+
+float16 halves the disk and read cost of float32; preprocessed pixels are in small ranges
+(0-1, or standardised), where float16 keeps three significant digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from imgpipe.core.errors import StageError
+
+META = "meta.json"
+STORE_DTYPE = np.float16
+
+
+def pixel_params(p) -> dict:
+    """Every preprocess param that decides a shard's pixels (how many images a file holds does not)."""
+    return {k: v for k, v in dataclasses.asdict(p).items() if k != "images_per_shard"}
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tfrecord"
+
+
+class ShardWriter:
+    """Writes records of one split into numbered TFRecord files of at most `per_shard` images."""
+
+    def __init__(self, folder: Path, split: str, per_shard: int):
+        import tensorflow as tf  # imported here so modules that only read metadata stay light
+
+        self._tf = tf
+        self.folder, self.split, self.per_shard = Path(folder), split, per_shard
+        self.files: list[str] = []
+        self.count = 0
+        self._writer = None
+
+    def write(self, image: np.ndarray, label: int, image_id: str, path: str) -> None:
+        tf = self._tf
+        if self.count % self.per_shard == 0:
+            self._close_current()
+            name = shard_name(self.split, len(self.files))
+            self.files.append(name)
+            self._writer = tf.io.TFRecordWriter(str(self.folder / name))
+        feature = {
+            "image": _bytes_feature(tf, np.ascontiguousarray(image, dtype=STORE_DTYPE).tobytes()),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+            "id": _bytes_feature(tf, image_id.encode()),
+            "path": _bytes_feature(tf, path.encode()),
+        }
+        example = tf.train.Example(features=tf.train.Features(feature=feature))
+        # deterministic=True: protobuf map fields (the features) otherwise serialise in any order
+        self._writer.write(example.SerializeToString(deterministic=True))
+        self.count += 1
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        self._close_current()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _bytes_feature(tf, value: bytes):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise StageError(f"{path} not found: no shard metadata; run the preprocess stage first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stamp(folder: str | Path) -> str:
+    """A cheap token that changes when the shards change: meta.json's bytes, then each shard
+    file's name, size and modification time (nanoseconds).
+
+    Reading no shard bytes, it is instant on any data set. Rewriting a shard (preprocess, `dvc
+    checkout`) changes its time even with the same bytes: the token then changes too, which only
+    costs a resumable run its resumption.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    lines = [(folder / META).read_text(encoding="utf-8")]
+    for split, names in sorted(meta["files"].items()):
+        for name in names:
+            try:
+                info = (folder / name).stat()
+            except FileNotFoundError:
+                raise StageError(f"{folder / name}: listed in {META} but missing; re-run the preprocess stage") from None
+            lines.append(f"{split}/{name} {info.st_size} {info.st_mtime_ns}")
+    return "\n".join(lines)
+
+
+def split_files(folder: str | Path, split: str, meta: dict | None = None) -> list[str]:
+    meta = meta or read_meta(folder)
+    return [str(Path(folder) / name) for name in meta["files"].get(split, [])]
+
+
+def dataset(folder: str | Path, split: str, meta: dict | None = None, deterministic: bool = True):
+    """A tf.data.Dataset of dicts {image: float32 [H, W, C], label: int64, id: string, path: string}.
+
+    Files are read in parallel and records parsed in parallel; nothing is held in memory
+    beyond tf.data's buffers, so the dataset can be far larger than RAM.
+    """
+    import tensorflow as tf
+
+    meta = meta or read_meta(folder)
+    files = split_files(folder, split, meta)
+    shape = (meta["height"], meta["width"], meta["channels"])
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "path": tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        image = tf.reshape(tf.io.decode_raw(ex["image"], tf.float16), shape)
+        return {"image": tf.cast(image, tf.float32), "label": ex["label"], "id": ex["id"], "path": ex["path"]}
+
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4) or None)
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
+
+
+def _spec(tf, keys=("image", "label", "id", "path")) -> dict:
+    types = {"image": tf.string, "label": tf.int64, "id": tf.string, "path": tf.string}
+    return {key: tf.io.FixedLenFeature([], types[key]) for key in keys}
+
+
+def records(folder: str | Path, split: str, meta: dict | None = None, deterministic: bool = True,
+            shuffle_seed: int | None = None):
+    """A tf.data.Dataset of the serialized records of `split`, for pipelines that parse whole batches.
+
+    Up to four files are read at once, their records interleaved. With `shuffle_seed`, the order
+    of the files changes every epoch (the same sequence of orders for the same seed), so that a
+    shuffle buffer smaller than the data set still mixes records from all over it.
+    """
+    import tensorflow as tf
+
+    files = split_files(folder, split, meta)
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string, shape=[len(files)]))
+    if shuffle_seed is not None and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.interleave(tf.data.TFRecordDataset, cycle_length=max(min(len(files), 4), 1),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+def parse_batch(meta: dict, keys=("image", "label", "id", "path")):
+    """A function from a batch of serialized records to {key: tensor}; the image as float32 [N, H, W, C].
+
+    One op parses the whole batch: for small images that is several times faster than parsing
+    record by record (bench/RESULTS.md).
+    """
+    import tensorflow as tf
+
+    shape = (-1, meta["height"], meta["width"], meta["channels"])
+    spec = _spec(tf, keys)
+
+    def parse(serialized):
+        ex = tf.io.parse_example(serialized, spec)
+        if "image" in ex:
+            ex["image"] = tf.cast(tf.reshape(tf.io.decode_raw(ex["image"], tf.float16), shape), tf.float32)
+        return ex
+
+    return parse
+
+
+def ids_and_labels(folder: str | Path, split: str, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (bytes) and labels of `split` in file order, without decoding any pixels."""
+    import tensorflow as tf
+
+    meta = meta or read_meta(folder)
+    ds = records(folder, split, meta).batch(256)
+    ds = ds.map(parse_batch(meta, ("id", "label")), num_parallel_calls=tf.data.AUTOTUNE)
+    ids, labels = [np.zeros(0, "S1")], [np.zeros(0, np.int64)]
+    for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        ids.append(batch["id"].astype(bytes))
+        labels.append(batch["label"])
+    return np.concatenate(ids), np.concatenate(labels)
+
+
+def iter_records(folder: str | Path, split: str):
+    """Yield (image float32 array, label, id, path) per record (interleaved across files, deterministic)."""
+    for rec in dataset(folder, split).as_numpy_iterator():
+        yield rec["image"], int(rec["label"]), rec["id"].decode(), rec["path"].decode()

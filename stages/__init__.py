@@ -1,1 +1,0 @@
-"""Pipeline stages: one module per dvc.yaml stage (`python -m stages.<name>`)."""
