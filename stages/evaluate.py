@@ -22,7 +22,6 @@ reviewer can read why; the model is then neither exported nor blessed.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import pandas as pd
 
 from imgpipe.core.atomic_write import write_csv, write_json
 from imgpipe.core.errors import StageError
+from imgpipe.core.hashing import file_hexdigest
 from imgpipe.core.params import Evaluate, Ingest, Paths
 from imgpipe.core.runner import stage_main
 from imgpipe.evaluation import gate
@@ -45,15 +45,6 @@ from imgpipe.reports import evaluation as report
 SECTIONS = ("evaluate", "paths", "ingest")
 log = logging.getLogger(__name__)
 
-
-
-def file_md5(path: Path) -> str:
-    """The md5 DVC records for the file in dvc.lock (and names its cache entry by)."""
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
@@ -72,7 +63,7 @@ def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
     roc, pr = roc_curve(scores, positive), precision_recall_curve(scores, positive)
     metrics.update(ranking_report(roc, pr, positive))
 
-    model_md5, test_set = file_md5(model_path), ids_fingerprint(predictions["id"])
+    model_md5, test_set = file_hexdigest(model_path, "md5"), ids_fingerprint(predictions["id"])
     blessed = gate.read_blessed(p.blessed_file)
     metrics["gate"] = gate.judge(metrics, p, gate.baseline(blessed, model_md5), test_set)
 

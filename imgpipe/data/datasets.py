@@ -10,7 +10,6 @@ release. Either way every file must match the published sha256 or nothing is wri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from imgpipe.core.hashing import file_hexdigest
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,8 @@ class FetchError(RuntimeError):
     pass
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_complete(folder: Path, ds: Dataset) -> bool:
-    return all((folder / name).is_file() and sha256(folder / name) == digest for name, digest in ds.files.items())
+    return all((folder / name).is_file() and file_hexdigest(folder / name, "sha256") == digest for name, digest in ds.files.items())
 
 
 def _try_debian(ds: Dataset) -> Path | None:
@@ -92,7 +85,7 @@ def fetch(name: str, target: Path) -> str:
                 except OSError as exc:
                     raise FetchError(f"cannot download {file_name} from {ds.release_url}: {exc}; "
                                      f"install the Debian package {ds.debian_package} or check the network") from None
-            got = sha256(out)
+            got = file_hexdigest(out, "sha256")
             if got != digest:
                 raise FetchError(f"{file_name} from {origin}: sha256 {got} does not match the published {digest}")
         (tmp / "classes.txt").write_text("\n".join(ds.classes) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from imgpipe.core.hashing import file_hexdigest
 from stages import evaluate
 from imgpipe.evaluation import scoring
 from imgpipe.evaluation import gate
@@ -124,7 +125,7 @@ def test_the_shared_run_passed_the_default_gate_and_was_blessed(mnist_run):
     metrics = json.loads((Path(params.paths.reports) / "metrics.json").read_text())
     assert metrics["gate"]["verdict"] == "blessed"
     (record,) = gate.read_blessed(params.evaluate.blessed_file)
-    assert record["md5"] == evaluate.file_md5(Path(params.paths.model))
+    assert record["md5"] == file_hexdigest(params.paths.model, "md5")
     assert record["metrics"]["accuracy"] == metrics["accuracy"]
 
 
@@ -168,7 +169,7 @@ def test_passing_gate_blesses_the_model_with_its_metrics(mnist_run, tmp_path):
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["gate"]["verdict"] == "blessed"
     (record,) = gate.read_blessed(tmp_path / "blessed.json")
-    assert record["md5"] == evaluate.file_md5(Path(params.paths.model))
+    assert record["md5"] == file_hexdigest(params.paths.model, "md5")
     assert record["metrics"]["accuracy"] == metrics["accuracy"]
     test_ids = pd.read_csv(reports / "evaluation" / "predictions.csv", dtype=str)["id"]
     assert record["test_set"] == scoring.ids_fingerprint(test_ids)
