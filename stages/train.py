@@ -5,7 +5,7 @@ Writes <paths.model> (a .keras file) and <paths.reports>/train_log.csv (one row 
 
 Phase 1 trains the head on the frozen backbone (lenet, learnt from scratch, trains whole).
 When nothing in it changes the backbone's features (a frozen backbone, no augmentation in
-phase 1) the features come from the embedding cache (stages/embeddings.py): computed once per
+phase 1) the features come from the embedding cache (imgpipe/model/feature_cache.py): computed once per
 image, then every epoch and every head-only run reads them instead of running the backbone.
 Phase 2 (train.fine_tune_epochs > 0) unfreezes the top train.fine_tune_layers layers of the
 backbone and trains on the images at train.fine_tune_learning_rate, with augmentation if any

@@ -2,7 +2,7 @@
 
 They are layers of the training model, so they run where the model runs (on the GPU when
 there is one) and Keras switches them off outside `fit()`; the saved model leaves them out
-altogether (stages/model.py). All of them see pixels in the 0-255 range, whatever the shards'
+altogether (imgpipe/model/builder.py). All of them see pixels in the 0-255 range, whatever the shards'
 normalisation, so brightness and erasing values mean the same in every set-up.
 
 RandomErasing is the method of Zhong et al., "Random Erasing Data Augmentation" (2017), with

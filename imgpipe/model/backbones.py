@@ -6,7 +6,7 @@
   (downloaded into $TFHUB_CACHE_DIR on a machine with internet, a local folder as it is) and
   loaded with `keras.layers.TFSMLayer` (`hub.KerasLayer` does not work with Keras 3); frozen.
   The saved model refers to the SavedModel by its path and loads only outside Keras' safe mode
-  (stages/model_io.py);
+  (imgpipe/model/loading.py);
 - lenet: a small LeNet-style CNN learnt from scratch, for small grey images (MNIST-like).
 
 Every backbone takes 0-255 pixels as the model holds them (1 or 3 channels, the shard size)
@@ -125,7 +125,7 @@ def hub(train: Train) -> keras.layers.Layer:
     import tensorflow_hub  # imported only when asked for: it pulls in tf_keras, several seconds
 
     try:
-        # The saved model keeps this path, not the SavedModel (stages/model_io.py): absolute, so that
+        # The saved model keeps this path, not the SavedModel (imgpipe/model/loading.py): absolute, so that
         # it loads from any working directory (a local folder resolves to itself, maybe relative).
         path = os.path.abspath(tensorflow_hub.resolve(train.hub_handle))
         return keras.layers.TFSMLayer(path, call_endpoint=train.hub_endpoint, trainable=False, name="hub")

@@ -1,4 +1,4 @@
-"""The model builder: a backbone (stages/backbones.py) plus a small softmax head, in four views.
+"""The model builder: a backbone (imgpipe/model/backbones.py) plus a small softmax head, in four views.
 
     model      shard image -> class probabilities      what is saved, evaluated and served
     training   the same, with augmentation in front    what fit() trains on images

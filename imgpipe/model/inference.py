@@ -1,22 +1,7 @@
-"""Evaluate: the trained model on the test split, judged by the gate, reported, and exported.
+"""The trained model on a split of the shards: loaded and checked against them, then run in batches.
 
-Reads  <paths.model>, the test split of <paths.shards>/, <paths.reports>/train_log.csv,
-       <paths.data_quality>/summary.json, and the original images of the worst mistakes (from
-       ingest.source, for the gallery's thumbnails).
-Writes <paths.reports>/metrics.json       accuracy, loss, macro/weighted F1, ROC AUC, average
-                                          precision, per-class scores, the gate's verdict and checks
-       <paths.reports>/confusion.csv      one row per test image: actual,predicted (class names)
-       <paths.reports>/misclassified.csv  the worst mistakes first: path,id,true,predicted,confidence
-       <paths.reports>/roc.csv, precision_recall.csv   the curves (see `ranking_scores`)
-       <paths.reports>/evaluation/        index.html (the report), gallery.html + thumbnails, the
-                                          plots as PNG, predictions.csv (every test image)
-       <evaluate.export_dir>/             the model for predict and TF Serving (stages/export.py)
-       <evaluate.blessed_file>            one more record when the gate blesses the model (stages/gate.py)
-
-The test split streams through the model in batches; only the class probabilities per image are
-kept. The metrics are plain NumPy on those numbers (pure functions, tested on hand-computed cases).
-A failing gate (gate_action: fail) fails the stage after every report is written, so the
-reviewer can read why; the model is then neither exported nor blessed.
+The split streams through the model; only each image's class probabilities are kept, with its
+id, path and label, for the evaluation package to score.
 """
 
 from __future__ import annotations

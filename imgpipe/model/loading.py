@@ -2,7 +2,7 @@
 
 A .keras file is a zip archive whose config.json describes every layer. Keras' safe mode refuses
 the layers that run code from outside the model's weights: Lambda (Python code) and TFSMLayer
-(the graph of a SavedModel on disk: how a TF Hub backbone is held, stages/backbones.py).
+(the graph of a SavedModel on disk: how a TF Hub backbone is held, imgpipe/model/backbones.py).
 config.json tells which a model holds before any of it is deserialised:
 
 - no TFSMLayer: the model loads with safe_mode=True, always (Keras then refuses a Lambda layer);

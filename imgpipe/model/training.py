@@ -317,7 +317,7 @@ def precision(mixed: bool):
 def save_model(model: keras.Model, path: Path) -> None:
     """Save as .keras atomically: into a temporary folder next to `path`, then rename.
 
-    (stages.atomic.atomic_path names its temporary file *.tmp, and Keras saves only to *.keras.)
+    (imgpipe.core.atomic_write.atomic_path names its temporary file *.tmp, and Keras saves only to *.keras.)
     """
     if path.suffix != ".keras":
         raise StageError(f"paths.model must end with .keras, got {path}")
