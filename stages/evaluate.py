@@ -10,8 +10,8 @@ Writes <paths.reports>/metrics.json       accuracy, loss, macro/weighted F1, ROC
        <paths.reports>/roc.csv, precision_recall.csv   the curves (see `ranking_scores`)
        <paths.reports>/evaluation/        index.html (the report), gallery.html + thumbnails, the
                                           plots as PNG, predictions.csv (every test image)
-       <evaluate.export_dir>/             the model for predict and TF Serving (stages/export.py)
-       <evaluate.blessed_file>            one more record when the gate blesses the model (stages/gate.py)
+       <evaluate.export_dir>/             the model for predict and TF Serving (imgpipe/model/export.py)
+       <evaluate.blessed_file>            one more record when the gate blesses the model (imgpipe/evaluation/gate.py)
 
 The test split streams through the model in batches; only the class probabilities per image are
 kept. The metrics are plain NumPy on those numbers (pure functions, tested on hand-computed cases).

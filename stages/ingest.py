@@ -6,14 +6,14 @@ Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: pe
     sharpness, brightness, contrast, phash, phash_mirror
 
 `id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
-The last five columns describe the pixels (stages/image_facts.py); they are empty when the image
+The last five columns describe the pixels (imgpipe/images/facts.py); they are empty when the image
 could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
 `validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
 processes (one per core by default) in listing order: memory does not grow with the dataset,
 and the manifest's bytes do not depend on the number of workers. An image whose header claims
 more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
 the stage allocate gigabytes. With `ingest.cache_dir`, a re-run reads only the files that
-changed since the last one (stages/facts_cache.py).
+changed since the last one (imgpipe/data/facts_cache.py).
 """
 
 from __future__ import annotations

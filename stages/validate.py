@@ -2,13 +2,13 @@
 
 Every input row ends up in exactly one place: the accepted list (what `split` reads) or the
 quarantine list, with a reason a user can act on. A quarantined file is never moved or deleted.
-The GX suites (stages/expectations.py) then check the result and gate the pipeline; their Data
+The GX suites (imgpipe/data/expectations.py) then check the result and gate the pipeline; their Data
 Docs site is the detailed report, and summary.md the one page a reviewer reads first.
 
 Dataset checks: images per class and the imbalance ratio; exact duplicates and the same bytes
 under two labels (both quarantined); near-duplicates, images whose perceptual hashes differ in
 at most `validate.near_duplicate_distance` bits, either way round or with one of them mirrored
-left to right (stages/near_duplicates.py, `phash_mirror`). Near-duplicates are
+left to right (imgpipe/data/near_duplicates.py, `phash_mirror`). Near-duplicates are
 kept, but grouped: the accepted list's `group` column names each image's group by its smallest
 id (an image with no near-duplicate is its own group), and `split` keeps a group in one split,
 so a near-copy of a test image never trains the model. Groups that mix labels, or that span the

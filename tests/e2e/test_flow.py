@@ -233,7 +233,7 @@ METRICS = {
 }
 
 
-# evaluate's gate, in its format (stages/gate.py)
+# evaluate's gate, in its format (imgpipe/evaluation/gate.py)
 GATE = {
     "verdict": "warned",
     "checks": [
