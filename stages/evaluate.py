@@ -11,10 +11,11 @@ Writes <paths.reports>/metrics.json       accuracy, loss, macro/weighted F1, ROC
        <paths.reports>/evaluation/        index.html (the report), gallery.html + thumbnails, the
                                           plots as PNG, predictions.csv (every test image)
        <evaluate.export_dir>/             the model for predict and TF Serving (imgpipe/model/export.py)
-       <evaluate.blessed_file>            one more record when the gate blesses the model (imgpipe/evaluation/gate.py)
+       <evaluate.blessed_file>            one more record when the gate blesses the model
+                                          (imgpipe/evaluation/gate.py); written empty when missing
 
 The test split streams through the model in batches; only the class probabilities per image are
-kept. The metrics are plain NumPy on those numbers (pure functions, tested on hand-computed cases).
+kept. The metrics are scikit-learn's on those numbers (imgpipe/evaluation/scoring.py).
 A failing gate (gate_action: fail) fails the stage after every report is written, so the
 reviewer can read why; the model is then neither exported nor blessed.
 """
@@ -26,17 +27,12 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from imgpipe.core.atomic_write import write_csv, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.hashing import file_hexdigest
 from imgpipe.core.params import Evaluate, Ingest, Paths
 from imgpipe.core.runner import stage_main
-from imgpipe.evaluation import gate
-from imgpipe.evaluation.scoring import (DIGITS, confusion_matrix, ids_fingerprint, metrics_report, precision_recall_curve,
-                                        ranking_report, ranking_scores, roc_curve, thin, worst_mistakes)
+from imgpipe.evaluation import gate, scoring
 from imgpipe.model import export, shards
 from imgpipe.model.inference import load_model, predict_split
 from imgpipe.reports import evaluation as report
@@ -44,7 +40,6 @@ from imgpipe.reports import evaluation as report
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
 SECTIONS = ("evaluate", "paths", "ingest")
 log = logging.getLogger(__name__)
-
 
 
 def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
@@ -57,36 +52,27 @@ def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
     model = load_model(model_path, meta)
 
     predictions, probs = predict_split(model, folder, meta)
-    labels = predictions["label"].to_numpy()
-    metrics = metrics_report(labels, predictions["predicted"].to_numpy(), predictions["p_true"].to_numpy(), classes)
-    scores, positive = ranking_scores(probs, labels)
-    roc, pr = roc_curve(scores, positive), precision_recall_curve(scores, positive)
-    metrics.update(ranking_report(roc, pr, positive))
+    labels, predicted = predictions["label"].to_numpy(), predictions["predicted"].to_numpy()
+    metrics = scoring.metrics_report(labels, predicted, predictions["p_true"].to_numpy(), classes)
+    roc, pr, areas = scoring.ranking(probs, labels)
+    metrics.update(areas)
 
-    model_md5, test_set = file_hexdigest(model_path, "md5"), ids_fingerprint(predictions["id"])
-    blessed = gate.read_blessed(p.blessed_file)
-    metrics["gate"] = gate.judge(metrics, p, gate.baseline(blessed, model_md5), test_set)
+    model_md5, test_set = file_hexdigest(model_path, "md5"), scoring.ids_fingerprint(predictions["id"])
+    baseline = gate.baseline(gate.read_blessed(p.blessed_file), model_md5)
+    metrics["gate"] = gate.judge(metrics, p, baseline, test_set)
 
-    names = np.asarray(classes, dtype=object)
-    named = pd.DataFrame({
-        "path": predictions["path"],
-        "id": predictions["id"],
-        "true": names[labels],
-        "predicted": names[predictions["predicted"]],
-        "confidence": predictions["confidence"].astype(float).round(DIGITS),
-    })
-    mistakes = worst_mistakes(named, p.max_misclassified)
+    table = scoring.prediction_table(predictions, probs, classes)
+    mistakes = scoring.worst_mistakes(table, p.max_misclassified)
     reports = Path(paths.reports)
     write_json(reports / "metrics.json", metrics)
-    write_csv(reports / "confusion.csv", named.rename(columns={"true": "actual"})[["actual", "predicted"]])
+    write_csv(reports / "confusion.csv", table.rename(columns={"true": "actual"})[["actual", "predicted"]])
     write_csv(reports / "misclassified.csv", mistakes)
-    write_csv(reports / "roc.csv", thin(roc))
-    write_csv(reports / "precision_recall.csv", thin(pr))
-    probabilities = pd.DataFrame(probs.astype(float).round(DIGITS), columns=[f"p_{c}" for c in classes])
+    write_csv(reports / "roc.csv", scoring.thin(roc))
+    write_csv(reports / "precision_recall.csv", scoring.thin(pr))
     report.write(
         paths, p, ingest, metrics, classes,
-        matrix=confusion_matrix(labels, predictions["predicted"].to_numpy(), len(classes)),
-        curves=(roc, pr), predictions=pd.concat([named, probabilities], axis=1), mistakes=mistakes,
+        matrix=scoring.confusion_matrix(labels, predicted, len(classes)),
+        curves=(roc, pr), predictions=table, mistakes=mistakes,
         model_md5=model_md5, train_log=Path(paths.train_log),
     )
     log.info(

@@ -1,1 +1,1 @@
-"""Judging a model from its predictions, NumPy and pandas: scores, curves and the gate."""
+"""Judging a model from its predictions, with scikit-learn, NumPy and pandas: scores, curves and the gate."""

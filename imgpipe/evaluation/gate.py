@@ -26,6 +26,7 @@ from pathlib import Path
 from imgpipe.core.atomic_write import write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Evaluate
+from imgpipe.evaluation.scoring import DIGITS
 
 # Numbers compared as rounded in metrics.json; a hair of float noise must not fail a check.
 TOLERANCE = 1e-9
@@ -76,7 +77,7 @@ def _max_drop(metrics: dict, p: Evaluate, baseline: dict | None, test_set: str) 
         return {"name": "max_accuracy_drop", "value": 0.0, "threshold": threshold, "passed": True,
                 "detail": "no blessed model to compare with yet"}
     before, now = baseline["metrics"]["accuracy"], metrics["accuracy"]
-    drop = round(before - now, 6)
+    drop = round(before - now, DIGITS)
     passed = drop <= threshold + TOLERANCE
     against = f"the last blessed model's {before:.4f} (md5 {baseline['md5']}, blessed {baseline['blessed_at']})"
     if baseline.get("test_set") != test_set:

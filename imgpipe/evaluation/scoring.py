@@ -1,90 +1,64 @@
-"""Evaluate: the trained model on the test split, judged by the gate, reported, and exported.
+"""Scores of a model from its predictions on the test split: metrics.json, the curves, the tables.
 
-Reads  <paths.model>, the test split of <paths.shards>/, <paths.reports>/train_log.csv,
-       <paths.data_quality>/summary.json, and the original images of the worst mistakes (from
-       ingest.source, for the gallery's thumbnails).
-Writes <paths.reports>/metrics.json       accuracy, loss, macro/weighted F1, ROC AUC, average
-                                          precision, per-class scores, the gate's verdict and checks
-       <paths.reports>/confusion.csv      one row per test image: actual,predicted (class names)
-       <paths.reports>/misclassified.csv  the worst mistakes first: path,id,true,predicted,confidence
-       <paths.reports>/roc.csv, precision_recall.csv   the curves (see `ranking_scores`)
-       <paths.reports>/evaluation/        index.html (the report), gallery.html + thumbnails, the
-                                          plots as PNG, predictions.csv (every test image)
-       <evaluate.export_dir>/             the model for predict and TF Serving (stages/export.py)
-       <evaluate.blessed_file>            one more record when the gate blesses the model (stages/gate.py)
-
-The test split streams through the model in batches; only the class probabilities per image are
-kept. The metrics are plain NumPy on those numbers (pure functions, tested on hand-computed cases).
-A failing gate (gate_action: fail) fails the stage after every report is written, so the
-reviewer can read why; the model is then neither exported nor blessed.
+The metrics and curves are scikit-learn's; what is ours is the choice of what they are computed
+on (`ranking_scores`), the Keras-compatible loss, and the rounding that keeps output bytes stable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import numpy as np
 import pandas as pd
-
-
-log = logging.getLogger(__name__)
+from sklearn import metrics as skm
 
 # Keras clips probabilities to [EPSILON, 1 - EPSILON] in its crossentropy; the same here, so
 # the test loss compares with the training log's.
 EPSILON = 1e-7
+# Decimals of every float written to metrics.json and the CSV files: reruns give the same bytes.
 DIGITS = 6
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts: row = actual class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
-    return matrix
+    """Counts: row = actual class, column = predicted class, every class listed."""
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
 
 
-def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """precision, recall, f1 and support per class; a score with nothing to divide by is 0."""
-    hits = np.diag(matrix).astype(float)
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    precision = _ratio(hits, predicted)
-    recall = _ratio(hits, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=0)
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
-
-
 def mean_crossentropy(p_true: np.ndarray) -> float:
-    """Mean sparse categorical crossentropy from each image's probability of its true class."""
+    """Mean sparse categorical crossentropy from each image's probability of its true class.
+
+    Ours, not sklearn's log_loss: that clips at the dtype's eps (not Keras's 1e-7) and wants every
+    class's probability.
+    """
     return float(np.mean(-np.log(np.clip(p_true, EPSILON, 1 - EPSILON))))
 
 
 def metrics_report(y_true: np.ndarray, y_pred: np.ndarray, p_true: np.ndarray, classes: list[str]) -> dict:
     """metrics.json: overall and per-class figures, floats rounded so reruns give the same bytes.
 
-    macro_f1 averages over the classes that occur in the test labels or the predictions (as
-    scikit-learn does), so a class absent from both does not count as a zero.
+    macro_f1 averages over the classes that occur in the test labels or the predictions (sklearn's
+    default labels), so a class absent from both does not count as a zero.
     """
-    matrix = confusion_matrix(y_true, y_pred, len(classes))
-    scores = per_class_scores(matrix)
-    support = scores["support"]
-    occurring = (support > 0) | (matrix.sum(axis=0) > 0)
+    scores = per_class_scores(y_true, y_pred, len(classes))
     return {
-        "accuracy": _round(np.trace(matrix) / len(y_true)),
+        "accuracy": _round(skm.accuracy_score(y_true, y_pred)),
         "loss": _round(mean_crossentropy(p_true)),
-        "macro_f1": _round(scores["f1"][occurring].mean()),
-        "weighted_f1": _round((scores["f1"] * support).sum() / support.sum()),
+        "macro_f1": _round(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "weighted_f1": _round(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0)),
         "num_test": int(len(y_true)),
         "per_class": {
             name: {
                 "precision": _round(scores["precision"][i]),
                 "recall": _round(scores["recall"][i]),
                 "f1": _round(scores["f1"][i]),
-                "support": int(support[i]),
+                "support": int(scores["support"][i]),
             }
             for i, name in enumerate(classes)
         },
@@ -93,6 +67,20 @@ def metrics_report(y_true: np.ndarray, y_pred: np.ndarray, p_true: np.ndarray, c
 
 def _round(value) -> float:
     return round(float(value), DIGITS)
+
+
+def prediction_table(predictions: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """predictions.csv: path, id, true, predicted (class names), confidence and p_<class> per image, rounded."""
+    names = np.asarray(classes, dtype=object)
+    named = pd.DataFrame({
+        "path": predictions["path"],
+        "id": predictions["id"],
+        "true": names[predictions["label"]],
+        "predicted": names[predictions["predicted"]],
+        "confidence": predictions["confidence"].astype(float).round(DIGITS),
+    })
+    probabilities = pd.DataFrame(probs.astype(float).round(DIGITS), columns=[f"p_{c}" for c in classes])
+    return pd.concat([named, probabilities], axis=1)
 
 
 def worst_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
@@ -122,41 +110,49 @@ def ranking_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return probs.ravel(), positive.ravel()
 
 
-def _counts_by_threshold(scores: np.ndarray, positive: np.ndarray):
-    """Distinct scores, highest first, with the true and false positives scoring at least each."""
-    order = np.argsort(-scores, kind="stable")
-    ranked, hits = scores[order], positive[order]
-    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # last position of each distinct score
-    tp = np.cumsum(hits)[last]
-    return ranked[last], tp, last + 1 - tp
-
-
 def roc_curve(scores: np.ndarray, positive: np.ndarray) -> pd.DataFrame:
-    """fpr, tpr, threshold (positive when score >= threshold), from (0, 0) to (1, 1)."""
-    thresholds, tp, fp = _counts_by_threshold(scores, positive)
-    return pd.DataFrame({
-        "fpr": np.r_[0.0, _ratio(fp, np.full(len(fp), fp[-1]))],
-        "tpr": np.r_[0.0, _ratio(tp, np.full(len(tp), tp[-1]))],
-        "threshold": np.r_[np.inf, thresholds],
-    })
+    """fpr, tpr, threshold (positive when score >= threshold), from (0, 0) at threshold inf to (1, 1).
+
+    A row per distinct score (drop_intermediate=False: thin() bounds the rows, evenly along the
+    ranking); without negatives (positives) fpr (tpr) is NaN, with sklearn's warning.
+    """
+    fpr, tpr, threshold = skm.roc_curve(positive, scores, pos_label=True, drop_intermediate=False)
+    # back to the scores' dtype (sklearn widens them to float64 here, not in precision_recall_curve),
+    # so both files round and write the same threshold alike
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": threshold.astype(np.asarray(scores).dtype)})
 
 
 def precision_recall_curve(scores: np.ndarray, positive: np.ndarray) -> pd.DataFrame:
-    """recall, precision, threshold, starting at recall 0, precision 1."""
-    thresholds, tp, fp = _counts_by_threshold(scores, positive)
+    """recall, precision, threshold, from recall 0, precision 1 at threshold inf, thresholds falling.
+
+    sklearn's curve turned round (it ends at recall 0, with no threshold there), a row per distinct
+    score like `roc_curve`; without positives recall is 1 past the start, with sklearn's warning.
+    """
+    precision, recall, threshold = skm.precision_recall_curve(positive, scores, pos_label=True, drop_intermediate=False)
     return pd.DataFrame({
-        "recall": np.r_[0.0, _ratio(tp, np.full(len(tp), tp[-1]))],
-        "precision": np.r_[1.0, _ratio(tp, tp + fp)],
-        "threshold": np.r_[np.inf, thresholds],
+        "recall": recall[::-1],
+        "precision": precision[::-1],
+        "threshold": np.r_[np.inf, threshold[::-1]],
     })
 
 
+def ranking(probs: np.ndarray, labels: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The ROC and precision-recall curves of `ranking_scores`, and their `ranking_report` for metrics.json."""
+    scores, positive = ranking_scores(probs, labels)
+    roc, pr = roc_curve(scores, positive), precision_recall_curve(scores, positive)
+    return roc, pr, ranking_report(roc, pr, positive)
+
+
 def ranking_report(roc: pd.DataFrame, pr: pd.DataFrame, positive: np.ndarray) -> dict:
-    """roc_auc (area under the ROC curve) and average_precision (precision averaged over the
-    recall steps, as scikit-learn computes it); None where there are no positives or no negatives."""
+    """roc_auc (area under the ROC curve) and average_precision (precision summed over the recall
+    steps); None where there are no positives or no negatives.
+
+    Both from the curves already computed (average_precision_score would rank the scores again),
+    so the figures are those of the plotted curves; the step sum is sklearn's formula.
+    """
     if positive.all() or not positive.any():
         return {"roc_auc": None, "average_precision": None}
-    auc = np.trapezoid(roc["tpr"], roc["fpr"])
+    auc = skm.auc(roc["fpr"], roc["tpr"])
     ap = float(np.sum(np.diff(pr["recall"]) * pr["precision"].to_numpy()[1:]))
     return {"roc_auc": _round(auc), "average_precision": _round(ap)}
 
@@ -172,6 +168,4 @@ def ids_fingerprint(ids) -> str:
     """sha1 of the sorted test image ids: two evaluations compare like with like only when equal."""
     return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()
 
-
-# -- I/O -------------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from imgpipe.evaluation.scoring import (
-    confusion_matrix, mean_crossentropy, metrics_report, per_class_scores, precision_recall_curve, ranking_report,
-    ranking_scores, roc_curve, thin, worst_mistakes,
+    confusion_matrix, mean_crossentropy, metrics_report, per_class_scores, precision_recall_curve, prediction_table,
+    ranking, ranking_report, ranking_scores, roc_curve, thin, worst_mistakes,
 )
 
 # Three classes; six test images, four right.
@@ -29,7 +29,7 @@ def test_confusion_matrix_rows_are_actual_columns_predicted():
 
 
 def test_per_class_scores_by_hand():
-    scores = per_class_scores(confusion_matrix(Y_TRUE, Y_PRED, 3))
+    scores = per_class_scores(Y_TRUE, Y_PRED, 3)
     # a: 2 of 2 predictions right, 2 of 3 found; b: 1 of 2, 1 of 2; c: 1 of 2, 1 of 1
     np.testing.assert_allclose(scores["precision"], [1.0, 0.5, 0.5])
     np.testing.assert_allclose(scores["recall"], [2 / 3, 0.5, 1.0])
@@ -141,6 +141,7 @@ def test_auc_is_the_share_of_positive_negative_pairs_ranked_right():
     assert report["roc_auc"] == pytest.approx(pairs, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:No negative samples")  # the curve of the undefined case; its own test below
 def test_perfect_ranking_and_undefined_cases():
     positive = np.array([True, True, False])
     scores = np.array([0.9, 0.8, 0.1])
@@ -171,3 +172,113 @@ def test_thin_keeps_the_ends_and_at_most_the_points_asked():
     assert len(thinned) <= 500
     assert thinned.iloc[0].tolist() == [0.0, 0.0] and thinned.iloc[-1].tolist() == [1.0, 1.0]
     assert thin(curve.head(3), 500).equals(curve.head(3).round(6))
+
+
+def test_curves_without_negatives_or_positives_are_undefined_not_zero():
+    scores = np.array([0.9, 0.8, 0.1])
+    with pytest.warns(UserWarning, match="No negative samples"):
+        roc = roc_curve(scores, np.ones(3, dtype=bool))
+    assert roc["fpr"].isna().all() and roc["tpr"].tolist() == [0, 1 / 3, 2 / 3, 1]
+    with pytest.warns(UserWarning, match="No positive"):
+        pr = precision_recall_curve(scores, np.zeros(3, dtype=bool))
+    assert pr["precision"].tolist() == [1, 0, 0, 0]
+
+
+def test_both_curve_files_write_a_threshold_alike():
+    # float32 scores, as the model gives them: rounded as float32 in one file and float64 in the
+    # other, a few thresholds would differ in the last digit
+    rng = np.random.default_rng(0)
+    scores = rng.random(300).astype(np.float32)
+    positive = rng.random(300) < scores
+    roc, pr = thin(roc_curve(scores, positive)), thin(precision_recall_curve(scores, positive))
+    assert roc["threshold"].to_csv(index=False) == pr["threshold"].to_csv(index=False)
+
+
+def test_prediction_table_names_the_classes_and_rounds():
+    predictions = pd.DataFrame({"path": ["p1", "p2"], "id": ["i1", "i2"], "label": [0, 1], "predicted": [1, 1],
+                                "confidence": np.array([0.61234567, 0.9], dtype=np.float32), "p_true": [0.3, 0.9]})
+    probs = np.array([[0.3, 0.61234567], [0.1, 0.9]], dtype=np.float32)
+    table = prediction_table(predictions, probs, ["cat", "dog"])
+    assert list(table.columns) == ["path", "id", "true", "predicted", "confidence", "p_cat", "p_dog"]
+    assert table["true"].tolist() == ["cat", "dog"] and table["predicted"].tolist() == ["dog", "dog"]
+    assert table["confidence"].tolist() == [0.612346, 0.9] and table["p_dog"].tolist() == [0.612346, 0.9]
+    assert table["p_cat"].tolist() == [0.3, 0.1]  # float32 widened before rounding: no 0.30000001
+
+
+# -- a random case against figures computed here from the definitions ------------------------
+# 500 images, 4 classes: c never occurs among the test labels but is predicted, d occurs but is
+# never predicted (its probability is kept low); probabilities on a 0.01 grid, so scores tie.
+RNG = np.random.default_rng(7)
+N, K = 500, 4
+LABELS = RNG.choice([0, 1, 3], N)
+_logits = RNG.normal(size=(N, K)) + 1.5 * np.eye(K)[LABELS]
+_logits[:, 3] -= 10
+PROBS = np.round(np.exp(_logits) / np.exp(_logits).sum(axis=1, keepdims=True), 2).astype(np.float32)
+PREDICTED = PROBS.argmax(axis=1)
+P_TRUE = PROBS[np.arange(N), LABELS]
+CLASSES = ["a", "b", "c", "d"]
+
+
+def test_the_random_case_is_the_one_described():
+    assert set(LABELS) == {0, 1, 3} and set(PREDICTED) == {0, 1, 2}
+    assert 0.3 < (LABELS == PREDICTED).mean() < 0.9  # neither trivial nor hopeless
+    assert len(np.unique(PROBS)) < 0.1 * PROBS.size  # many ties
+
+
+def test_random_case_report_matches_the_confusion_matrix():
+    # counted pair by pair, not by the code under test
+    matrix = np.array([[np.sum((LABELS == i) & (PREDICTED == j)) for j in range(K)] for i in range(K)])
+    assert confusion_matrix(LABELS, PREDICTED, K).tolist() == matrix.tolist()
+    hits, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(hits / predicted)
+        recall = np.nan_to_num(hits / support)
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))  # the harmonic mean
+    report = metrics_report(LABELS, PREDICTED, P_TRUE, CLASSES)
+    close = dict(abs=1e-6)
+    assert report["accuracy"] == pytest.approx(np.trace(matrix) / N, **close)
+    assert report["loss"] == pytest.approx(np.mean([-math.log(min(max(p, 1e-7), 1 - 1e-7)) for p in P_TRUE]), **close)
+    assert report["macro_f1"] == pytest.approx(f1.sum() / K, **close)  # c and d both occur: both count, as zeros
+    assert report["weighted_f1"] == pytest.approx((f1 * support).sum() / N, **close)
+    for i, name in enumerate(CLASSES):
+        got = report["per_class"][name]
+        assert got["support"] == support[i]
+        assert [got["precision"], got["recall"], got["f1"]] == pytest.approx([precision[i], recall[i], f1[i]], **close)
+    # predicted but absent, and present but never predicted: zeros, not NaN
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": int(support[3])}
+
+
+def brute_force_counts(scores: np.ndarray, positive: np.ndarray):
+    """(threshold, true positives, false positives) at each distinct score, highest first, one threshold at a time."""
+    thresholds = np.unique(scores)[::-1]
+    return [(t, np.sum(positive & (scores >= t)), np.sum(~positive & (scores >= t))) for t in thresholds]
+
+
+def test_random_case_curves_keep_their_shape_and_points():
+    scores, positive = ranking_scores(PROBS, LABELS)
+    roc, pr, _ = ranking(PROBS, LABELS)
+    counts = brute_force_counts(scores, positive)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    assert list(roc.columns) == ["fpr", "tpr", "threshold"] and list(pr.columns) == ["recall", "precision", "threshold"]
+    # a row per distinct score after the start: (0, 0) / (recall 0, precision 1), both at threshold inf
+    assert roc.iloc[0].tolist() == [0.0, 0.0, np.inf] and pr.iloc[0].tolist() == [0.0, 1.0, np.inf]
+    assert roc.iloc[-1][["fpr", "tpr"]].tolist() == [1.0, 1.0]
+    expected_roc = [(fp / n_neg, tp / n_pos, t) for t, tp, fp in counts]
+    expected_pr = [(tp / n_pos, tp / (tp + fp), t) for t, tp, fp in counts]
+    np.testing.assert_allclose(roc.iloc[1:].to_numpy(), expected_roc, atol=1e-12)
+    np.testing.assert_allclose(pr.iloc[1:].to_numpy(), expected_pr, atol=1e-12)
+    assert (np.diff(roc["threshold"]) < 0).all()  # thresholds fall, curves run from strict to lenient
+
+
+def test_random_case_auc_and_average_precision_from_their_definitions():
+    scores, positive = ranking_scores(PROBS, LABELS)
+    pos, neg = scores[positive], scores[~positive]
+    auc = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    recall_before, ap = 0.0, 0.0
+    for _, tp, fp in brute_force_counts(scores, positive):
+        ap += (tp / positive.sum() - recall_before) * tp / (tp + fp)
+        recall_before = tp / positive.sum()
+    _, _, areas = ranking(PROBS, LABELS)
+    assert areas["roc_auc"] == pytest.approx(auc, abs=1e-6)
+    assert areas["average_precision"] == pytest.approx(ap, abs=1e-6)
