@@ -1,17 +1,20 @@
 """Prefect artifacts from the pipeline's own reports, for the runs page of the Prefect UI.
 
-After `validate`: a markdown artifact with the data-quality summary (counts, accepted images per
-class, quarantine reasons, expectations) and where the full Data Docs report is. After
-`evaluate`: a table artifact of the per-class test metrics, with the overall figures, the gate's
-verdict and where the evaluation report is in its description. Both are keyed, so the UI also
-shows each one's history.
+After `validate`: a markdown artifact, validate's own summary.md (reports/data_quality.py), with
+its pictures inlined and its links made absolute. After `evaluate`: a table artifact of the
+per-class test metrics, with the overall figures, the gate's verdict and where the evaluation
+report is in its description. Both are keyed, so the UI also shows each one's history.
 
-Pure functions turn the JSON the stages write into markdown and table rows; `publish_*` read the
-files, at the paths params.yaml names, and create the artifacts.
+Pure functions turn what the stages write into what the UI shows; `publish_*` read the files, at
+the paths params.yaml names, and create the artifacts.
 """
 
+import base64
 import json
+import mimetypes
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -23,61 +26,33 @@ DATA_QUALITY_KEY = "data-quality"
 METRICS_KEY = "metrics"
 
 
-def _cell(value) -> str:
-    # a "|" in a class name or a description would end a markdown table cell
-    return str(value).replace("|", "\\|")
+# a markdown link or picture, [text](target) or ![alt](target), as reports/data_quality.py writes them
+_LINK = re.compile(r"(?P<picture>!?)\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)\)")
 
 
-def data_quality_markdown(summary: dict, report: str, quarantine: str) -> str:
-    """The data-quality artifact: validate's summary.json, with the report's location."""
-    verdict = "passed" if summary["success"] else "FAILED (a critical expectation failed)"
-    expectations = summary["expectations"]
-    lines = [
-        f"# Data quality: {verdict}",
-        "",
-        "| images | count |",
-        "|---|---:|",
-        f"| inputs | {summary['inputs']} |",
-        f"| accepted | {summary['ingested']} |",
-        f"| quarantined | {summary['quarantined']} ({summary['quarantined_fraction']:.2%}) |",
-        "",
-        f"Expectations: {expectations['passed']} passed, {expectations['failed']} failed.",
-        "",
-        f"Full report (Great Expectations Data Docs): `{report}`",
-        "",
-        f"Quarantined files and their reasons: `{quarantine}`",
-        "",
-        "## Accepted images per class",
-        "",
-        "| class | accepted |",
-        "|---|---:|",
-        *(f"| {_cell(name)} | {count} |" for name, count in summary["classes"].items()),
-        "",
-        "## Quarantine reasons",
-        "",
-    ]
-    reasons = {reason: n for reason, n in summary["quarantine_reasons"].items() if n}
-    if reasons:
-        lines += ["| reason | files |", "|---|---:|"]
-        lines += [f"| {_cell(reason)} | {n} |" for reason, n in reasons.items()]
-    else:
-        lines.append("None: every input was accepted.")
-    failed = [result for result in expectations["results"] if not result["success"]]
-    if failed:
-        lines += [
-            "",
-            "## Failed expectations",
-            "",
-            "| check | on | unexpected | critical |",
-            "|---|---|---:|---|",
-        ]
-        lines += [
-            f"| {_cell(r['description'])} | {_cell(r['table'])}.{_cell(r['column'])} "
-            f"| {r['unexpected_count']} of {r['element_count']} "
-            f"| {'yes' if r['critical'] else 'no'} |"
-            for r in failed
-        ]
-    return "\n".join(lines) + "\n"
+def summary_for_prefect(page: str, folder: Path) -> str:
+    """validate's summary.md (`page`, read from `folder`) as the Prefect UI can show it.
+
+    The page links to files beside it, and the UI would resolve those links against its own
+    address. So each picture (the class histogram, the offenders' thumbnails, a few KB each) is
+    put in the page as a data: URL, which the UI shows and which stays right in the artifact's
+    history after the files change; a link to another file (the Data Docs) becomes its absolute
+    path, to open from the machine that ran the flow. Absolute links and URLs are kept.
+    """
+
+    def resolve(match: re.Match) -> str:
+        target = match["target"]
+        if urlsplit(target).scheme or target.startswith(("/", "#")):
+            return match[0]
+        path = (folder / target).resolve()
+        if not match["picture"]:
+            return f"{match['text']} (`{path}`)"
+        if not path.is_file():
+            return f"({match['text']}: no picture at `{path}`)"
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"![{match['text']}](data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+    return _LINK.sub(resolve, page)
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
@@ -95,7 +70,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 def gate_verdict(gate: dict | None) -> str:
-    """metrics.json's `gate` ({verdict, checks: [{name, passed, detail, ...}]}, stages/gate.py)
+    """metrics.json's `gate` ({verdict, checks: [{name, passed, detail, ...}]}, imgpipe/evaluation/gate.py)
     in words: the verdict, then what each check found."""
     if gate is None:
         return "no gate configured"
@@ -114,24 +89,24 @@ def metrics_description(metrics: dict, report: str | None) -> str:
     return f"{text} Full report: `{report}`" if report else text
 
 
-def _read_json(path: Path) -> dict | None:
+def _read(path: Path) -> str | None:
     if not path.is_file():
         get_run_logger().info("no %s: nothing to publish", path)
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return path.read_text(encoding="utf-8")
 
 
 def publish_data_quality(repo: str) -> UUID | None:
-    """The data-quality artifact of the repository at `repo`, if validate wrote its summary."""
-    folder = Path(repo) / load_params(Path(repo) / "params.yaml").paths.data_quality
-    summary = _read_json(folder / "summary.json")
-    if summary is None:
+    """The data-quality artifact of the repository at `repo`: validate's summary.md, if written."""
+    # imported here: the report module pulls in OpenCV and matplotlib, for one name
+    from imgpipe.reports.data_quality import PAGE
+
+    page = Path(repo) / load_params(Path(repo) / "params.yaml").paths.data_quality / PAGE
+    text = _read(page)
+    if text is None:
         return None
-    markdown = data_quality_markdown(
-        summary, str(folder / "site" / "index.html"), str(folder / "quarantine.csv")
-    )
     return create_markdown_artifact(
-        markdown, key=DATA_QUALITY_KEY, description="validate: data-quality summary"
+        summary_for_prefect(text, page.parent), key=DATA_QUALITY_KEY, description=f"validate: data-quality summary, from {page.resolve()}"
     )
 
 
@@ -141,9 +116,10 @@ def publish_metrics(repo: str) -> UUID | None:
     from imgpipe.reports.evaluation import FOLDER, INDEX
 
     reports = Path(repo) / load_params(Path(repo) / "params.yaml").paths.reports
-    metrics = _read_json(reports / "metrics.json")
-    if metrics is None:
+    text = _read(reports / "metrics.json")
+    if text is None:
         return None
+    metrics = json.loads(text)
     report = reports / FOLDER / INDEX
     description = metrics_description(metrics, str(report) if report.is_file() else None)
     return create_table_artifact(metrics_rows(metrics), key=METRICS_KEY, description=description)

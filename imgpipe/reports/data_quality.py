@@ -19,7 +19,9 @@ from matplotlib.figure import Figure
 
 from imgpipe.core.params import Validate
 from imgpipe.data.sources import Source
+from imgpipe.reports import thumbnails
 
+PAGE = "summary.md"
 FILES = "summary_files"
 HISTOGRAM = "classes.png"
 WORST = 6  # offenders shown per check
@@ -183,29 +185,8 @@ class Thumbnails:
             return False
         if not decoded.ok:
             return False
-        ok, data = cv2.imencode(".jpg", thumbnail(decoded.image), [cv2.IMWRITE_JPEG_QUALITY, 85])
-        if ok:
-            out.write_bytes(data.tobytes())
-        return ok
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """8-bit BGR with its longest side THUMBNAIL_SIDE; small images are enlarged pixel by pixel."""
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    elif image.shape[2] != 3:  # grey (+ alpha): the grey channel
-        image = cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), cv2.COLOR_GRAY2BGR)
-    height, width = image.shape[:2]
-    scale = THUMBNAIL_SIDE / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # shrinking: average the pixels merged; enlarging (a 28x28 digit): keep them as crisp squares
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST)
+        out.write_bytes(thumbnails.encoded(decoded.image, THUMBNAIL_SIDE, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 85)))
+        return True
 
 
 def _cell(text) -> str:

@@ -135,6 +135,21 @@ def test_second_repro_runs_nothing(repo, env):
     assert ran_stages(out) == [] and "up to date" in out
 
 
+def test_a_runtime_change_reruns_nothing(repo, env):
+    """runtime: changes how fast, never what: no stage lists it."""
+    clone, _ = repo
+    set_params(clone, {"runtime.workers": 1, "runtime.ingest_cache_dir": ""})
+    assert ran_stages(dvc(clone, env, "repro").stdout) == []
+
+
+def test_a_code_change_reruns_the_stages_that_import_it(repo, env):
+    """dvc.yaml's code deps: the model package is imported by preprocess (shards), train and evaluate."""
+    clone, _ = repo
+    with open(clone / "imgpipe" / "model" / "training.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# a change DVC must see\n")
+    assert ran_stages(dvc(clone, env, "repro").stdout) == ["preprocess", "train", "evaluate"]
+
+
 def test_train_param_change_reruns_only_train_and_evaluate(repo, env):
     clone, _ = repo
     set_params(clone, {"train.epochs": 1})

@@ -4,9 +4,11 @@ Checked on the shared real run (MNIST 3s and 5s, a few 5s labelled 3), and the r
 parts on small hand-made cases.
 """
 
+import html
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import cv2
 import numpy as np
@@ -14,6 +16,7 @@ import pandas as pd
 import pytest
 
 from imgpipe.reports import evaluation as report
+from imgpipe.reports import thumbnails
 from imgpipe.data.sources import Source
 
 from .mnist_run import DATA_QUALITY, MISLABELLED, MNIST
@@ -36,9 +39,12 @@ def test_predictions_csv_has_every_test_image_with_its_probabilities(mnist_run):
     test = split[split["split"] == "test"]
     assert sorted(predictions["id"]) == sorted(test["id"])
     np.testing.assert_allclose(predictions[["p_3", "p_5"]].sum(axis=1), 1.0, atol=1e-5)
-    assert (predictions["predicted"] == np.where(predictions["p_5"] > predictions["p_3"], "5", "3")).all()
+    argmax = np.where(predictions["p_5"] > predictions["p_3"], "5", "3")
+    assert (predictions["predicted"] == argmax).all()
+    # confusion.csv (for `dvc plots`): per test image, its label in split.csv and the class it scored highest
     confusion = pd.read_csv(reports / "confusion.csv", dtype=str)
-    assert confusion.to_numpy().tolist() == predictions[["true", "predicted"]].to_numpy().tolist()
+    labels = predictions["path"].map(test.set_index("path")["label"])
+    assert confusion.to_numpy().tolist() == [list(pair) for pair in zip(labels, argmax)]
 
 
 def test_two_classes_get_roc_auc_and_curves_of_the_second_class(mnist_run):
@@ -66,14 +72,20 @@ def test_report_page_shows_the_metrics_the_gate_and_links_that_resolve(mnist_run
     assert "Model gate: <strong>blessed</strong>" in page
     # the data-quality summary is shown and linked
     assert f'<td>quarantined</td><td class="num">{DATA_QUALITY["quarantined"]}</td>' in page
-    # every relative link and image points at a file that exists
+    # every relative link and image points at a file that exists, the Data Docs beside the report
     targets = re.findall(r'(?:href|src)="([^"#]+)', page)
     assert {"gallery.html", "confusion.png", "confusion_normalized.png", "roc.png", "precision_recall.png",
             "training.png", "predictions.csv"} <= set(targets)
     for target in targets:
         assert (folder / target).resolve().exists(), target
-    data_docs = (reports / "data_quality" / "site" / "index.html").resolve()
-    assert (folder / "../data_quality/site/index.html").resolve() == data_docs
+    gallery = (folder / "gallery.html").read_text()
+    anchors = re.findall(r'href="gallery\.html#([^"]+)"', page)
+    assert anchors and all(f'<h2 id="{html.escape(unquote(anchor))}">' in gallery for anchor in anchors)
+    data_docs = re.search(r'<a id="data-quality-report" href="([^"]+)"', page).group(1)
+    assert (folder / data_docs).resolve() == (Path(params.paths.data_quality) / "site" / "index.html").resolve()
+    # self-contained: nothing to fetch from the network, no script to run
+    assert not re.search(r'(?:href|src)="(?:[a-z]+:)?//', page) and "<script" not in page and "<link" not in page
+    assert f"<code>imgpipe predict --model {params.evaluate.export_dir} IMAGE_OR_FOLDER ...</code>" in page
     for png in ("confusion.png", "confusion_normalized.png", "roc.png", "precision_recall.png", "training.png"):
         image = cv2.imread(str(folder / png))
         assert image is not None and min(image.shape[:2]) > 200, png
@@ -91,10 +103,11 @@ def test_gallery_groups_the_worst_mistakes_with_thumbnails_of_the_originals(mnis
     assert '<h2 id="3_to_5">' in page
     with Source(MNIST, "idx") as source:
         for row in found.itertuples():
-            thumb = cv2.imread(str(folder / "gallery" / "3_to_5" / f"{row.id}.png"), cv2.IMREAD_GRAYSCALE)
+            thumb = cv2.imread(str(folder / "gallery" / "3_to_5" / f"{row.id}.png"), cv2.IMREAD_UNCHANGED)
             original = source.read_idx_pixels(row.path)
-            assert thumb.shape == (report.THUMB, report.THUMB)
-            np.testing.assert_array_equal(thumb, report.thumbnail(original)[..., 0])
+            # the 28 x 28 digit, grey in three channels, each pixel a crisp square
+            square = cv2.resize(original, (report.THUMB, report.THUMB), interpolation=cv2.INTER_NEAREST)
+            np.testing.assert_array_equal(thumb, np.dstack([square] * 3))
     # one figure per mistake, each with an image
     assert page.count("<figure>") == len(mistakes) == len(re.findall(r'<img src="gallery/', page))
 
@@ -135,10 +148,37 @@ def test_class_names_become_safe_folder_names_and_are_escaped_in_html():
     assert "original not readable: gone" in page
 
 
+def test_report_page_escapes_class_names_and_marks_low_recall():
+    metrics = {"accuracy": 0.5, "loss": 1.25, "macro_f1": 0.4, "weighted_f1": 0.45, "num_test": 30,
+               "per_class": {"<i>a": {"precision": 0.5, "recall": 0.2, "f1": 0.3, "support": 10},
+                             "b&c": {"precision": 0.5, "recall": 0.9, "f1": 0.6, "support": 20}},
+               "gate": {"verdict": "failed", "checks": []}}
+    links = {"gallery": "gallery.html", "predictions": "predictions.csv", "metrics": "../metrics.json",
+             "misclassified": "../miss ed.csv", "data_quality_report": "../dq/site/index.html",
+             "data_quality_summary": "../dq/summary.json"}
+    model = {"path": "m.keras", "md5": "0f", "export": "export"}
+    page = report.index_html(metrics, ["<i>a", "b&c"], [("<i>a", "b&c", 8, 0.8)], {"roc": "r o c.png"}, links,
+                             model, None, 0.5, "micro")
+    rows = re.search(r'<table id="per-class">(.*?)</table>', page, re.S).group(1)
+    assert ('<tr class="low"><td>&lt;i&gt;a</td><td class="num">0.5000</td><td class="num">0.2000</td>'
+            '<td class="num">0.3000</td><td class="num">10</td></tr>') in rows
+    assert '<tr><td>b&amp;c</td>' in rows
+    # a missing metric reads n/a; links and file names are URL-quoted, the text HTML-escaped
+    assert '<td>ROC AUC (micro)</td><td class="num">n/a</td>' in page
+    assert '<td><a href="gallery.html#%3Ci%3Ea_to_b%26c">b&amp;c</a></td><td class="num">8</td><td>80.0%</td>' in page
+    assert 'href="../miss%20ed.csv"' in page and '<img id="roc" src="r%20o%20c.png" alt="roc">' in page
+    assert "<i>" not in page and "No data-quality summary at ../dq/summary.json" in page
+
+
 def test_thumbnails_keep_the_aspect_and_enlarge_small_images_crisply():
-    small = np.arange(28 * 14, dtype=np.uint8).reshape(28, 14)
-    thumb = report.thumbnail(small)
+    small = (np.arange(28 * 14) % 5 * 60).astype(np.uint8).reshape(28, 14)  # 5 grey levels, 0 to 240
+    thumb = thumbnails.thumbnail(small, report.THUMB)
     assert thumb.shape == (report.THUMB, report.THUMB // 2, 3)
     assert set(np.unique(thumb)) <= set(np.unique(small))  # nearest neighbour: no new grey levels
     big = np.zeros((600, 300, 4), np.uint8)
-    assert report.thumbnail(big).shape == (report.THUMB, report.THUMB // 2, 3)
+    assert thumbnails.thumbnail(big, report.THUMB).shape == (report.THUMB, report.THUMB // 2, 3)
+    # 16 bits scaled to 8 exactly; a BGR image comes out RGB
+    deep = (small.astype(np.uint16) * 257)[:, :, None].repeat(3, axis=2)
+    deep[..., 0] = 0
+    np.testing.assert_array_equal(thumbnails.thumbnail(deep, 56)[..., :2], thumbnails.thumbnail(small, 56)[..., :2])
+    assert not thumbnails.thumbnail(deep, 56)[..., 2].any()
