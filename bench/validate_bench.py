@@ -128,13 +128,14 @@ def child_ingest(folder: Path) -> dict:
 
 def child_validate(folder: Path) -> dict:
     from imgpipe.data import validation
+    from imgpipe.data.manifest import read_manifest
     from stages import validate
     from imgpipe.core.errors import StageError
     from imgpipe.core.params import load_params
 
     params = load_params(folder / "params.yaml")
     started, cpu = time.perf_counter(), cpu_seconds()
-    result = validation.triage(validation.read_manifest(params.paths.manifest), params.validate)
+    result = validation.triage(read_manifest(params.paths.manifest), params.validate)
     per_image, per_image_cpu = time.perf_counter() - started, cpu_seconds() - cpu
     accepted, groups = len(result.accepted), len(result.groups)
     del result  # the stage reads and triages the manifest again: one copy at a time, as under DVC

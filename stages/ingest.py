@@ -1,19 +1,5 @@
-"""Ingest: list every raw input once, with its content id and what its bytes really are.
-
-Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: per image):
-
-    id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error,
-    sharpness, brightness, contrast, phash, phash_mirror
-
-`id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
-The last five columns describe the pixels (imgpipe/images/facts.py); they are empty when the image
-could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
-`validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
-processes (one per core by default) in listing order: memory does not grow with the dataset,
-and the manifest's bytes do not depend on the number of workers. An image whose header claims
-more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
-the stage allocate gigabytes. With `ingest.cache_dir`, a re-run reads only the files that
-changed since the last one (imgpipe/data/facts_cache.py).
+"""ingest: the manifest (`paths.manifest`, its columns in imgpipe/data/manifest.py) of the raw inputs
+(`ingest.source`); how each file is described: imgpipe/data/ingestion.py.
 """
 
 from __future__ import annotations
@@ -22,12 +8,11 @@ import contextlib
 import logging
 import sys
 
-
-from imgpipe.data import facts_cache
 from imgpipe.core.atomic_write import atomic_path
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Runtime
 from imgpipe.core.runner import stage_main
+from imgpipe.data import facts_cache
 from imgpipe.data.ingestion import available_cores, ingest
 from imgpipe.data.sources import Source, SourceError
 

@@ -1,14 +1,9 @@
-"""Preprocess: OpenCV turns each image into a training-ready array, written to shards.
-
-Per image, in this order (each step driven by `params.preprocess`):
-  colour mode (grey or RGB; 16-bit is scaled to 8-bit, alpha dropped)
-  -> Gaussian blur (optional) -> Otsu binarisation (optional, grey only)
-  -> resize to `size` (area interpolation when shrinking, which avoids aliasing)
-  -> normalisation: none | unit (/255) | minmax (per image) | standardize (per image, or with
-     the train split's per-channel mean and std, computed in a first streaming pass).
+"""preprocess: every image of the split table (`paths.split`) made training-ready
+(imgpipe/images/transforms.py) and written to shards (`paths.shards`, imgpipe/model/shards.py).
 
 Images are read one at a time from the source and written in id order (a hash order, so
 classes are mixed within every shard); the same inputs and params give the same shard bytes.
+With `standardize_scope: dataset`, a first streaming pass over train gives the mean and std.
 """
 
 from __future__ import annotations
@@ -21,14 +16,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imgpipe.images import formats as imagefile
-from imgpipe.model import shards
 from imgpipe.core.atomic_write import atomic_dir, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Preprocess
 from imgpipe.core.runner import stage_main
+from imgpipe.data.manifest import read_split
 from imgpipe.data.sources import Source
 from imgpipe.images.transforms import ChannelStats, normalize, transform
+from imgpipe.model import shards
 
 SPLITS = ("train", "val", "test")
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
@@ -36,25 +31,20 @@ SECTIONS = ("preprocess", "paths", "ingest")
 log = logging.getLogger(__name__)
 
 
-def load(source: Source, row) -> np.ndarray:
-    if row.format == "idx":
-        return source.read_idx_pixels(row.path)
-    decoded = imagefile.decode(source.read_bytes(row.path))
+def load(source: Source, path: str) -> np.ndarray:
+    decoded = source.read_image(path)
     if not decoded.ok:  # validate accepted it, so the file changed since: say which
-        raise StageError(f"{row.path}: {decoded.error} (the file changed after validation; re-run dvc repro)")
+        raise StageError(f"{path}: {decoded.error} (the file changed after validation; re-run dvc repro)")
     return decoded.image
 
 
 def images(source: Source, rows: pd.DataFrame, p: Preprocess, desc: str):
     for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, unit="img", mininterval=2, disable=None):
-        yield row, transform(load(source, row), p)
+        yield row, transform(load(source, row.path), p)
 
 
 def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
-    try:
-        frame = pd.read_csv(paths.split, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise StageError(f"{paths.split} not found; run the split stage first") from None
+    frame = read_split(paths.split)
     classes = sorted(frame["label"].unique())
     index = {c: i for i, c in enumerate(classes)}
     channels = 1 if p.colour_mode == "grey" else 3

@@ -1,12 +1,5 @@
-"""Rebalance: how often each training image is used per epoch, to correct class imbalance.
-
-Only the train split is touched; val and test keep their true distribution.
-
-- `none`: every image once.
-- `oversample`: every class is brought up to the largest class: each image is used
-  `target // n` times and the first `target % n` images (by id) once more, so counts are exact.
-- `undersample`: every class is cut to the smallest class: the first `target` images by id.
-- `class_weight`: every image once; the loss is weighted by `total / (classes * n_class)`.
+"""rebalance: how often each training image of the split table (`paths.split`) is used per epoch
+(the methods: imgpipe/data/rebalancing.py).
 
 Output folder `paths.rebalance`: `copies.csv` (id, label, copies) read by `train`, and
 `plan.json` (method, counts before and after, class weights) for people and `dvc diff`.
@@ -19,12 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from imgpipe.core.atomic_write import atomic_dir, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Paths, Rebalance
 from imgpipe.core.runner import stage_main
+from imgpipe.data.manifest import read_split
 from imgpipe.data.rebalancing import class_weights, copies
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
@@ -34,10 +26,7 @@ log = logging.getLogger(__name__)
 
 def run(p: Rebalance, paths: Paths) -> None:
     method = p.method
-    try:
-        frame = pd.read_csv(paths.split, dtype=str, keep_default_na=False, usecols=["id", "label", "split"])
-    except FileNotFoundError:
-        raise StageError(f"{paths.split} not found; run the split stage first") from None
+    frame = read_split(paths.split, ["id", "label", "split"])
     train = frame[frame["split"] == "train"].sort_values("id").reset_index(drop=True)
     if train.empty:
         raise StageError(f"{paths.split} has no training images")

@@ -1,21 +1,11 @@
-"""validate: per-image checks, dataset checks and a Great Expectations suite over the manifest.
+"""validate: the manifest (`paths.manifest`) triaged (imgpipe/data/validation.py), the result checked
+by the Great Expectations suites (imgpipe/data/expectations.py), which gate the pipeline, and reported.
 
-Every input row ends up in exactly one place: the accepted list (what `split` reads) or the
-quarantine list, with a reason a user can act on. A quarantined file is never moved or deleted.
-The GX suites (imgpipe/data/expectations.py) then check the result and gate the pipeline; their Data
-Docs site is the detailed report, and summary.md the one page a reviewer reads first.
-
-Dataset checks: images per class and the imbalance ratio; exact duplicates and the same bytes
-under two labels (both quarantined); near-duplicates, images whose perceptual hashes differ in
-at most `validate.near_duplicate_distance` bits, either way round or with one of them mirrored
-left to right (imgpipe/data/near_duplicates.py, `phash_mirror`). Near-duplicates are
-kept, but grouped: the accepted list's `group` column names each image's group by its smallest
-id (an image with no near-duplicate is its own group), and `split` keeps a group in one split,
-so a near-copy of a test image never trains the model. Groups that mix labels, or that span the
-train/val/test split the source came with (leakage `split` cannot undo), are reported.
+A quarantined file is never moved or deleted. The Data Docs site is the detailed report, and
+summary.md the one page a reviewer reads first.
 
 Outputs (paths from params.yaml):
-    paths.accepted                      the accepted manifest rows, same columns + `group`, manifest order
+    paths.accepted                      the accepted list (imgpipe/data/manifest.py), manifest order
     <data_quality>/quarantine.csv       path,reason,detail, manifest order
     <data_quality>/site/index.html      the Data Docs report
     <data_quality>/summary.json         counts and expectation results (a DVC metric)
@@ -30,23 +20,18 @@ import sys
 from pathlib import Path
 
 from imgpipe.core import atomic_write as atomic
-from imgpipe.data import expectations
-from imgpipe.reports import data_quality as quality_report
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Validate
 from imgpipe.core.runner import stage_main
+from imgpipe.data import expectations
+from imgpipe.data.manifest import read_manifest
 from imgpipe.data.sources import Source, SourceError
-from imgpipe.data.validation import Triage, failure_message, read_manifest, summarise, triage
+from imgpipe.data.validation import Triage, failure_message, summarise, triage
+from imgpipe.reports import data_quality as quality_report
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
 SECTIONS = ("validate", "paths", "ingest")
 log = logging.getLogger(__name__)
-
-
-# --- pure core -------------------------------------------------------------------------------
-
-
-# --- I/O boundary ----------------------------------------------------------------------------
 
 
 def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:

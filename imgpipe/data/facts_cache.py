@@ -31,7 +31,7 @@ import cv2
 
 FILE = "facts.sqlite"
 # the modules that turn a file's bytes into its manifest columns
-CODE = ("data/ingestion.py", "images/formats.py", "images/facts.py")
+CODE = ("data/ingestion.py", "data/manifest.py", "images/formats.py", "images/facts.py", "images/pixels.py")
 
 
 def code_version() -> str:

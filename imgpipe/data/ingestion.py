@@ -1,19 +1,14 @@
 """Ingest: list every raw input once, with its content id and what its bytes really are.
 
-Output: the manifest CSV (`paths.manifest`), one row per input file (for IDX: per image):
-
-    id, label, path, source_split, format, width, height, channels, bit_depth, bytes, error,
-    sharpness, brightness, contrast, phash, phash_mirror
-
-`id` is the sha1 of the bytes, so the same image always has the same id wherever it lives.
-The last five columns describe the pixels (stages/image_facts.py); they are empty when the image
-could not be decoded. A file that cannot be decoded is still listed, with `error` saying why;
-`validate` decides what to quarantine. Images are read one at a time, by `ingest.workers`
+The manifest has one row per input file (for IDX: per image), its columns in
+imgpipe/data/manifest.py. `id` is the sha1 of the bytes, so the same image always has the same id
+wherever it lives. A file that cannot be decoded is still listed, with `error` saying why;
+`validate` decides what to quarantine. Images are read one at a time, by `runtime.workers`
 processes (one per core by default) in listing order: memory does not grow with the dataset,
 and the manifest's bytes do not depend on the number of workers. An image whose header claims
 more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
-the stage allocate gigabytes. With `ingest.cache_dir`, a re-run reads only the files that
-changed since the last one (stages/facts_cache.py).
+the stage allocate gigabytes. With `runtime.ingest_cache_dir`, a re-run reads only the files that
+changed since the last one (imgpipe/data/facts_cache.py).
 """
 
 from __future__ import annotations
@@ -35,19 +30,17 @@ import cv2
 from tqdm import tqdm
 
 from imgpipe.data import facts_cache
+from imgpipe.data.manifest import COLUMNS, FACTS, RECORD_COLUMNS
+from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
 from imgpipe.images import facts as image_facts
 from imgpipe.images import formats as imagefile
-from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
 
-COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
-           "error", "sharpness", "brightness", "contrast", "phash", "phash_mirror"]
 # files per task sent to a worker: large enough that messaging costs little per image
 CHUNKSIZE = 256
-# the columns that depend on a file's bytes only: what the facts cache keeps
-RECORD_COLUMNS = ["label", "path", "source_split"]
-BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
-assert COLUMNS[1:4] == RECORD_COLUMNS  # manifest_row puts them back after the id
-assert COLUMNS[-5:] == list(image_facts.ImageFacts._fields)  # describe appends the facts' row
+# A file's values (what describe and the others below return, and the facts cache keeps) are its
+# manifest row without the RECORD_COLUMNS: manifest.BYTE_COLUMNS, in that order.
+assert COLUMNS[1:4] == RECORD_COLUMNS  # manifest_row puts the record's back after the id
+assert COLUMNS[-5:] == FACTS == list(image_facts.ImageFacts._fields)  # describe appends the facts' row
 _NO_FACTS = [None] * len(image_facts.ImageFacts._fields)
 # What an image file within ingest.max_pixels can hold: 8 bytes a pixel (16-bit RGBA stored raw,
 # in a BMP or TIFF), and 64 MiB of what may come with the pixels (metadata, an embedded preview,

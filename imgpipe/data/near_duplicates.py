@@ -16,7 +16,7 @@ generated per key run, in O(candidates) memory.
 
 A group is a connected component of the "close" relation (single linkage): if A is close to B
 and B to C, all three are kept together, which is what keeps a split free of leakage. With each
-image's mirror hash as well (stages/image_facts.py), an image is also close to another whose
+image's mirror hash as well (imgpipe/images/facts.py), an image is also close to another whose
 hash is close to its mirror hash: a copy flipped left to right joins the original's group.
 """
 

@@ -7,20 +7,11 @@ Only the train split is touched; val and test keep their true distribution.
   `target // n` times and the first `target % n` images (by id) once more, so counts are exact.
 - `undersample`: every class is cut to the smallest class: the first `target` images by id.
 - `class_weight`: every image once; the loss is weighted by `total / (classes * n_class)`.
-
-Output folder `paths.rebalance`: `copies.csv` (id, label, copies) read by `train`, and
-`plan.json` (method, counts before and after, class weights) for people and `dvc diff`.
-Only metadata is read: no pixels, and shards are not rewritten.
 """
 
 from __future__ import annotations
 
-import logging
-
 import pandas as pd
-
-
-log = logging.getLogger(__name__)
 
 
 def copies(train: pd.DataFrame, method: str) -> pd.Series:

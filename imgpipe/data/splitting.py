@@ -25,8 +25,6 @@ their cut can fall inside a group: the whole group then follows its smallest id,
 counts are exact up to the size of one group. With `source`, a split the source gave is never
 changed, so a group is only kept together within each source split (validate reports groups
 that cross the source's split).
-
-Output: `paths.split`, the accepted manifest plus `bucket` and `split` columns.
 """
 
 from __future__ import annotations

@@ -1,50 +1,30 @@
-"""validate: per-image checks, dataset checks and a Great Expectations suite over the manifest.
+"""Validate's verdicts: per-image checks and dataset checks over the manifest.
 
 Every input row ends up in exactly one place: the accepted list (what `split` reads) or the
-quarantine list, with a reason a user can act on. A quarantined file is never moved or deleted.
-The GX suites (stages/expectations.py) then check the result and gate the pipeline; their Data
-Docs site is the detailed report, and summary.md the one page a reviewer reads first.
+quarantine list, with a reason a user can act on (RULES).
 
 Dataset checks: images per class and the imbalance ratio; exact duplicates and the same bytes
 under two labels (both quarantined); near-duplicates, images whose perceptual hashes differ in
 at most `validate.near_duplicate_distance` bits, either way round or with one of them mirrored
-left to right (stages/near_duplicates.py, `phash_mirror`). Near-duplicates are
+left to right (imgpipe/data/near_duplicates.py, `phash_mirror`). Near-duplicates are
 kept, but grouped: the accepted list's `group` column names each image's group by its smallest
 id (an image with no near-duplicate is its own group), and `split` keeps a group in one split,
 so a near-copy of a test image never trains the model. Groups that mix labels, or that span the
 train/val/test split the source came with (leakage `split` cannot undo), are reported.
-
-Outputs (paths from params.yaml):
-    paths.accepted                      the accepted manifest rows, same columns + `group`, manifest order
-    <data_quality>/quarantine.csv       path,reason,detail, manifest order
-    <data_quality>/site/index.html      the Data Docs report
-    <data_quality>/summary.json         counts and expectation results (a DVC metric)
-    <data_quality>/summary.md           the one-page summary; its pictures in summary_files/
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from imgpipe.data import expectations
-from imgpipe.data import near_duplicates
-from imgpipe.core.errors import StageError
 from imgpipe.core.params import Validate
+from imgpipe.data import expectations, near_duplicates
 
 log = logging.getLogger(__name__)
-
-FACTS = ["sharpness", "brightness", "contrast", "phash", "phash_mirror"]
-COLUMNS = ["id", "label", "path", "source_split", "format", "width", "height", "channels", "bit_depth", "bytes",
-           "error", *FACTS]
-# text stays text: a class called "0" is not a number
-_DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error", "phash", "phash_mirror")},
-           **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes")},
-           **{c: "float64" for c in ("sharpness", "brightness", "contrast")}}
 
 # quarantine rules, in the order they are tried: a row gets the first that applies
 RULES = ("unreadable", "no label", "unknown label", "too small", "too large", "channel count", "label conflict",
@@ -52,8 +32,6 @@ RULES = ("unreadable", "no label", "unknown label", "too small", "too large", "c
 
 _NOT_DECODED = "not decoded: the manifest has no size, channel count or image facts for it"
 
-
-# --- pure core -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Triage:
@@ -250,24 +228,4 @@ def failure_message(outcomes: list[expectations.Outcome], report: str, quarantin
 
 def _and(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
-# --- I/O boundary ----------------------------------------------------------------------------
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: manifest not found (run the ingest stage first)")
-    try:
-        # only empty fields are missing: a class called "NA" or "None" stays a class
-        frame = pd.read_csv(path, dtype=_DTYPES, keep_default_na=False, na_values=[""])
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise StageError(f"{path}: not a readable manifest: {exc}") from None
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise StageError(f"{path}: manifest lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)} "
-                         "(re-run the ingest stage)")
-    if frame.empty:
-        raise StageError(f"{path}: the manifest has no rows; nothing to validate")
-    return frame if list(frame.columns) == COLUMNS else frame[COLUMNS]  # a copy only to reorder
 

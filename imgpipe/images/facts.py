@@ -25,6 +25,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from imgpipe.images.pixels import grey8
+
 FACTS_SIDE = 256
 HASH_SIDE = 32  # the DCT runs on a 32x32 image and keeps its 8x8 lowest frequencies
 HASH_BITS = 64
@@ -41,22 +43,6 @@ class ImageFacts(NamedTuple):  # not a dataclass: one per image, and a named tup
         """The manifest's values, in its column order (the fields' order)."""
         # two decimals: enough for thresholds, and the manifest stays readable and byte-stable
         return round(self.sharpness, 2), round(self.brightness, 2), round(self.contrast, 2), self.phash, self.phash_mirror
-
-
-def grey8(image: np.ndarray) -> np.ndarray:
-    """One 8-bit grey channel from any decoded image (OpenCV BGR/BGRA order, 8 or 16 bits)."""
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)  # 65535 -> 255, exactly
-    elif image.dtype != np.uint8:  # float TIFFs and the like: stretch to the 8-bit range
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if image.ndim == 2:
-        return image
-    channels = image.shape[2]
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
-    return np.ascontiguousarray(image[:, :, 0])  # 1 or 2 channels (grey, grey + alpha)
 
 
 def _shrink(grey: np.ndarray, side: int) -> np.ndarray:

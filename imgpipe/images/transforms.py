@@ -1,45 +1,31 @@
-"""Preprocess: OpenCV turns each image into a training-ready array, written to shards.
+"""Preprocess's pixels: OpenCV turns each decoded image into a training-ready array.
 
 Per image, in this order (each step driven by `params.preprocess`):
   colour mode (grey or RGB; 16-bit is scaled to 8-bit, alpha dropped)
   -> Gaussian blur (optional) -> Otsu binarisation (optional, grey only)
   -> resize to `size` (area interpolation when shrinking, which avoids aliasing)
   -> normalisation: none | unit (/255) | minmax (per image) | standardize (per image, or with
-     the train split's per-channel mean and std, computed in a first streaming pass).
-
-Images are read one at a time from the source and written in id order (a hash order, so
-classes are mixed within every shard); the same inputs and params give the same shard bytes.
+     the train split's per-channel mean and std, which ChannelStats streams).
 """
 
 from __future__ import annotations
-
-import logging
 
 import cv2
 import numpy as np
 
 from imgpipe.core.params import Preprocess
-
-log = logging.getLogger(__name__)
-
-
-# -- the pure core ---------------------------------------------------------------------------
+from imgpipe.images.pixels import grey8, to_uint8
 
 
 def to_colour(image: np.ndarray, mode: str) -> np.ndarray:
     """8-bit grey (H x W x 1) or RGB (H x W x 3) from any decoded image (OpenCV BGR/BGRA order)."""
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)  # 65535 -> 255, exactly
-    elif image.dtype != np.uint8:
-        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels == 1:
-        grey = image.reshape(image.shape[:2])
-        out = grey if mode == "grey" else cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    if mode == "grey" or channels < 3:  # grey (+ alpha) has no colour: in RGB, three equal channels
+        out = grey8(image)
+        if mode == "rgb":
+            out = cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
     else:
-        code = {("grey", 3): cv2.COLOR_BGR2GRAY, ("grey", 4): cv2.COLOR_BGRA2GRAY,
-                ("rgb", 3): cv2.COLOR_BGR2RGB, ("rgb", 4): cv2.COLOR_BGRA2RGB}[(mode, channels)]
-        out = cv2.cvtColor(image, code)
+        out = cv2.cvtColor(to_uint8(image), cv2.COLOR_BGR2RGB if channels == 3 else cv2.COLOR_BGRA2RGB)
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
@@ -91,7 +77,3 @@ class ChannelStats:
         mean = self.total / self.n
         std = np.sqrt(np.maximum(self.total_sq / self.n - np.square(mean), 0.0))
         return mean.tolist(), np.maximum(std, 1e-6).tolist()
-
-
-# -- I/O -------------------------------------------------------------------------------------
-

@@ -25,6 +25,7 @@ from stages import ingest
 from imgpipe.data import ingestion
 from stages import validate
 from imgpipe.data import validation
+from imgpipe.data.manifest import BYTE_COLUMNS, read_manifest
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import ParamsError, params_from_dict
 from imgpipe.data.sources import Source
@@ -198,7 +199,7 @@ def corpus(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)  # the stage keeps its GX project in ./gx: not the repository's
         validate.run(params.validate, params.paths, params.ingest)
-    manifest = validation.read_manifest(root / "manifest.csv").set_index("path")
+    manifest = read_manifest(root / "manifest.csv").set_index("path")
     return root, manifest, validation.triage(manifest.reset_index(), params.validate), root / "dq"
 
 
@@ -331,7 +332,7 @@ def test_names_that_are_not_utf8_are_quarantined_and_odd_ones_kept(tmp_path):
         shutil.copy(photo(i), os.fsencode(root) + b"/" + name)
     run_stage(ingest, params_from_dict({"ingest": {"source": str(root)}, "paths": {"manifest": str(tmp_path / "m.csv")},
                                        "runtime": {"ingest_cache_dir": ""}}))
-    m = validation.read_manifest(tmp_path / "m.csv").set_index("path")
+    m = read_manifest(tmp_path / "m.csv").set_index("path")
     reason = "the file or folder name is not UTF-8 text (shown with \\x escapes): rename it"
     assert sorted(m.index) == ["caf\\xe9s/one.jpg", "cat/caf\\xe9.jpg", 'cat/com,ma "quote".jpg', "cat/new\nline.jpg"]
     assert m.loc["cat/caf\\xe9.jpg", "error"] == m.loc["caf\\xe9s/one.jpg", "error"] == reason
@@ -384,7 +385,7 @@ def test_idx_pairs_with_class_names_and_source_split(tmp_path):
     assert (first.format, int(first.width), int(first.height), int(first.channels)) == ("idx", 28, 28, 1)
     # raw pixels get the same facts as a decoded image of them
     png = cv2.imencode(".png", pixels[0])[1].tobytes()
-    decoded = dict(zip(ingestion.BYTE_COLUMNS, ingestion.describe(png, max_pixels=10**6)))
+    decoded = dict(zip(BYTE_COLUMNS, ingestion.describe(png, max_pixels=10**6)))
     assert first.phash == decoded["phash"] and float(first.sharpness) == decoded["sharpness"]
 
 
@@ -422,7 +423,7 @@ def test_labels_csv_with_odd_names_and_an_unknown_label(tmp_path, csv_source):
     (csv_source / "labels.csv").write_text(
         'file,label\n"img/my photo.jpg",yes\nimg/-rf.jpg,no\nimg/ünï-写真.jpg,maybe\n', encoding="utf-8")
     run_ingest(tmp_path, csv_source)
-    manifest = validation.read_manifest(tmp_path / "manifest.csv")
+    manifest = read_manifest(tmp_path / "manifest.csv")
     rules = params_from_dict({"validate": {"classes": ["yes", "no"]}}).validate
     result = validation.triage(manifest, rules)
     assert dict(zip(result.accepted["path"], result.accepted["label"])) == {"img/my photo.jpg": "yes",

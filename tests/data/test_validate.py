@@ -19,6 +19,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from imgpipe.core.runner import run_stage
 from stages import validate  # noqa: E402
 from imgpipe.data import validation
+from imgpipe.data.manifest import COLUMNS, read_manifest
 from imgpipe.core.errors import StageError  # noqa: E402
 from imgpipe.core.params import ParamsError, params_from_dict  # noqa: E402
 
@@ -45,7 +46,7 @@ def good(label: str, count: int, start: int) -> list[dict]:
 def write_manifest(folder, rows: list[dict]):
     path = folder / "manifest.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=validation.COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -61,7 +62,7 @@ def params(tmp_path, **rules):
 
 
 def triage(tmp_path, rows: list[dict], **rules) -> validation.Triage:
-    manifest = validation.read_manifest(write_manifest(tmp_path, rows))
+    manifest = read_manifest(write_manifest(tmp_path, rows))
     return validation.triage(manifest, params(tmp_path, **rules).validate)
 
 
@@ -214,16 +215,16 @@ def test_class_imbalance_is_the_largest_class_over_each(tmp_path):
 
 def test_unreadable_manifest_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="manifest not found"):
-        validation.read_manifest(tmp_path / "nope.csv")
+        read_manifest(tmp_path / "nope.csv")
     (tmp_path / "m.csv").write_text("id,label,path\nabc,cat,a.png\n")
     with pytest.raises(StageError, match="lacks column.*source_split"):
-        validation.read_manifest(tmp_path / "m.csv")
+        read_manifest(tmp_path / "m.csv")
     write_manifest(tmp_path, [row(0, width="wide")])
     with pytest.raises(StageError, match="not a readable manifest"):
-        validation.read_manifest(tmp_path / "manifest.csv")
+        read_manifest(tmp_path / "manifest.csv")
     write_manifest(tmp_path, [])
     with pytest.raises(StageError, match="no rows"):
-        validation.read_manifest(tmp_path / "manifest.csv")
+        read_manifest(tmp_path / "manifest.csv")
 
 
 # --- the stage: GX suite, outputs, gate ------------------------------------------------------
@@ -354,7 +355,7 @@ def test_everything_quarantined_fails_cleanly(tmp_path):
     summary, quarantine = outputs(tmp_path)
     assert (summary["inputs"], summary["ingested"], summary["quarantined"]) == (3, 0, 3)
     assert list(quarantine["reason"]) == ["empty file"] * 3
-    assert (tmp_path / "accepted.csv").read_text() == ",".join([*validation.COLUMNS, "group"]) + "\n"
+    assert (tmp_path / "accepted.csv").read_text() == ",".join([*COLUMNS, "group"]) + "\n"
 
 
 def test_listed_class_without_images_fails_the_stage(tmp_path):
