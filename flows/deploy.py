@@ -1,7 +1,7 @@
 """The scheduled deployment of the pipeline flow: nightly by default, served by this process.
 
-    python -m flows.deploy [--repo PATH] [--name nightly] [--cron "0 2 * * *"] [--timezone UTC]
-                           [--retries 2] [--retry-delay 60]
+    imgpipe flow deploy [--repo PATH] [--name nightly] [--cron "0 2 * * *"] [--timezone UTC]
+                        [--retries 2] [--retry-delay 60]
 
 registers the deployment `pipeline/<name>` with the Prefect server that PREFECT_API_URL names,
 with its schedule and parameters, then runs its flow runs (scheduled, or started from the UI or
@@ -12,7 +12,6 @@ nobody serves.
 `flow.serve` needs no work pool and no worker: the flow's code is on this machine already.
 """
 
-import argparse
 import logging
 import signal
 import sys
@@ -39,7 +38,7 @@ def schedule(cron: str = CRON, timezone: str = TIMEZONE) -> Schedule:
 
 def parameters(repo: str, retries: int = RETRIES, retry_delay: float = RETRY_DELAY_SECONDS) -> dict:
     """The deployment's flow parameters; the repository as an absolute path, because a flow run
-    does not run in the directory `python -m flows.deploy` was started from."""
+    does not run in the directory `imgpipe flow deploy` was started from."""
     return {
         "repo": str(Path(repo).resolve()),
         "retries": retries,
@@ -47,42 +46,28 @@ def parameters(repo: str, retries: int = RETRIES, retry_delay: float = RETRY_DEL
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.deploy",
-        description="Register the scheduled pipeline deployment and serve its runs.",
-    )
-    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
-    parser.add_argument("--name", default=NAME, help=f"deployment name (default: {NAME})")
-    parser.add_argument("--cron", default=CRON, help=f"cron schedule (default: {CRON!r})")
-    parser.add_argument(
-        "--timezone", default=TIMEZONE, help=f"the schedule's time zone (default: {TIMEZONE})"
-    )
-    parser.add_argument(
-        "--retries", type=int, default=RETRIES, help=f"retries per stage (default: {RETRIES})"
-    )
-    parser.add_argument(
-        "--retry-delay",
-        type=float,
-        default=RETRY_DELAY_SECONDS,
-        help="seconds before the first retry, doubled for each next one "
-        f"(default: {RETRY_DELAY_SECONDS:g})",
-    )
-    args = parser.parse_args(argv)
-    if not (Path(args.repo) / "dvc.yaml").is_file():
-        parser.error(f"{args.repo}: no dvc.yaml here; --repo must be the pipeline's repository")
+def serve(
+    repo: str,
+    name: str = NAME,
+    cron: str = CRON,
+    timezone: str = TIMEZONE,
+    retries: int = RETRIES,
+    retry_delay: float = RETRY_DELAY_SECONDS,
+) -> None:
+    """Register the deployment `pipeline/<name>` and run its flow runs until stopped; then pause
+    its schedule."""
     # SIGTERM before Prefect's runner has set its own handler would end the process on the spot;
     # as an exception it goes through the `finally` below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         pipeline.serve(
-            name=args.name,
-            schedule=schedule(args.cron, args.timezone),
-            parameters=parameters(args.repo, args.retries, args.retry_delay),
+            name=name,
+            schedule=schedule(cron, timezone),
+            parameters=parameters(repo, retries, retry_delay),
         )
     finally:
         # Prefect pauses the schedule on Ctrl-C only; its SIGTERM handler exits without it
-        pause(f"{pipeline.name}/{args.name}")
+        pause(f"{pipeline.name}/{name}")
 
 
 def pause(deployment: str) -> None:
@@ -92,7 +77,3 @@ def pause(deployment: str) -> None:
             client.pause_deployment(client.read_deployment_by_name(deployment).id)
     except Exception as exc:  # on the way out: say why, do not hide the error that ended serving
         log.warning("could not pause the schedule of %s: %s", deployment, exc)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,14 +6,12 @@ so the workspace is left alone. The comparison comes from `dvc exp show --json`:
 experiment (and the baseline commit), with the params that differ between the rows and the
 top-level figures of every metrics file.
 
-    python -m flows.experiments [--repo PATH] [--jobs N] \
+    imgpipe flow experiments [--repo PATH] [--jobs N] \
         -e "train.learning_rate=0.01" -e "train.learning_rate=0.001 train.epochs=5"
 """
 
-import argparse
 import json
 import re
-import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -192,36 +190,3 @@ def experiments(
             "(also: dvc queue logs <name>)"
         )
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.experiments",
-        description="Run DVC experiments from Prefect and publish a comparison table.",
-    )
-    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
-    parser.add_argument(
-        "-j", "--jobs", type=int, default=1, help="experiments run at a time (default: 1)"
-    )
-    parser.add_argument(
-        "-e",
-        "--experiment",
-        action="append",
-        required=True,
-        metavar="OVERRIDES",
-        help="one experiment: its `dvc exp run -S` overrides, space-separated "
-        "(repeat for more experiments)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        rows = experiments(
-            repo=args.repo, overrides=[shlex.split(e) for e in args.experiment], jobs=args.jobs
-        )
-    except ExperimentFailed as exc:
-        sys.exit(f"experiments failed: {exc}")
-    for row in rows:
-        print("  ".join(f"{key}={value}" for key, value in row.items()))
-
-
-if __name__ == "__main__":
-    main()

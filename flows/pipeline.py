@@ -5,11 +5,9 @@ stage graph through DVC's API and runs each stage with `dvc repro --single-item`
 up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, schedules and artifacts
 (the data-quality summary after `validate`, the test metrics after `evaluate`: flows/artifacts.py).
 
-    python -m flows.pipeline [--repo PATH] [--retries N] [--retry-delay SECONDS]
+    imgpipe flow run [--repo PATH] [--retries N] [--retry-delay SECONDS]
 """
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -91,31 +89,3 @@ def pipeline(
         if publish:
             publish(repo)
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.pipeline", description="Run the DVC pipeline as a Prefect flow."
-    )
-    parser.add_argument("--repo", default=".", help="root of the DVC repository (default: .)")
-    parser.add_argument("--retries", type=int, default=0, help="retries per stage (default: 0)")
-    parser.add_argument(
-        "--retry-delay",
-        type=float,
-        default=10.0,
-        help="seconds before the first retry, doubled for each next one (default: 10)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        results = pipeline(
-            repo=args.repo, retries=args.retries, retry_delay_seconds=args.retry_delay
-        )
-    except StageFailed as exc:
-        sys.exit(f"pipeline failed: {exc}")
-    width = max(map(len, results), default=0)
-    for stage, result in results.items():
-        print(f"{stage:<{width}}  {result['status']:<7}  {result['seconds']:7.2f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Fetch a known public dataset into a folder, verified by sha256, ready for `dvc add`.
 
-    python -m stages.fetch fashion-mnist data/raw/fashion-mnist
+    imgpipe fetch fashion-mnist data/raw/fashion-mnist
 
 Fashion-MNIST (MIT licence) comes from the Debian package `dataset-fashion-mnist` when it is
 installed (or can be installed: root with apt-get), otherwise from the dataset's public
@@ -9,7 +9,6 @@ release. Either way every file must match the published sha256 or nothing is wri
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -93,22 +92,3 @@ def fetch(name: str, target: Path) -> str:
         for f in tmp.iterdir():
             os.replace(f, target / f.name)
     return origin
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.fetch", description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", choices=sorted(DATASETS))
-    parser.add_argument("target", type=Path)
-    args = parser.parse_args(argv)
-    args.target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        origin = fetch(args.dataset, args.target)
-    except FetchError as exc:
-        print(f"fetch: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.dataset}: {args.target} ({origin}; sha256 verified)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

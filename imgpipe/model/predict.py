@@ -1,9 +1,9 @@
 """Predict: the exported model on new image files, preprocessed exactly as the preprocess stage does.
 
-    python -m stages.predict photo.jpg more/photos/           # a table on stdout
-    python -m stages.predict --format csv --output preds.csv photos/
-    python -m stages.predict --model models/export --format json photos/
-    python -m stages.predict --trust-model photos/              # a model with a TF Hub backbone
+    imgpipe predict photo.jpg more/photos/           # a table on stdout
+    imgpipe predict --format csv --output preds.csv photos/
+    imgpipe predict --model models/export --format json photos/
+    imgpipe predict --trust-model photos/              # a model with a TF Hub backbone
 
 Reads <export dir>/model.keras (safe mode: a model file cannot run code; a model with a TF Hub
 backbone runs its SavedModel's graph, so it loads only with --trust-model) and preprocess.json
@@ -12,16 +12,13 @@ goes through the preprocess stage's own functions (OpenCV decode, transform, nor
 shards' float16 rounding), so a test image gets the pixels, and the label, that evaluate saw.
 
 A file that is not an image, or that cannot be decoded, gets a message on stderr and a row with
-its error; the others still get predictions. Exit status: 0 when every file got a prediction,
-1 when some did not, 2 when nothing could run (no model, bad arguments).
+its error; the others still get predictions (`imgpipe predict --help` gives the exit statuses).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -155,40 +152,3 @@ def default_model_dir() -> str:
         return load_params("params.yaml").evaluate.export_dir
     except ParamsError as exc:  # outside the project folder, or a broken params.yaml
         raise PredictError(f"cannot tell where the exported model is ({exc}); pass --model DIR") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--model", help="export folder (default: evaluate.export_dir of ./params.yaml)")
-    parser.add_argument("--format", choices=("table", "csv", "json"), help="default: table, or the --output file's suffix")
-    parser.add_argument("--output", help="write here instead of stdout")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--trust-model", action="store_true",
-                        help="load a model with a TF Hub backbone, which runs its SavedModel's graph "
-                             "(Keras' safe_mode=False); any other model loads in safe mode regardless")
-    args = parser.parse_args(argv)
-    fmt = args.format or {".csv": "csv", ".json": "json"}.get(Path(args.output or "").suffix, "table")
-    try:
-        files = list_inputs(args.inputs)
-        if not files:
-            raise PredictError(f"no files in {', '.join(args.inputs)}")
-        model, spec = load_export(args.model or default_model_dir(), args.trust_model)
-        results = list(predict(model, spec, files, max(1, args.batch_size)))
-    except PredictError as exc:
-        print(f"predict: error: {exc}", file=sys.stderr)
-        return 2
-    if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as out:
-            write_results(results, spec["classes"], fmt, out)
-    else:
-        write_results(results, spec["classes"], fmt, sys.stdout)
-    failed = sum(1 for r in results if r["error"])
-    if failed:
-        print(f"predict: {failed} of {len(results)} file(s) got no prediction (see the messages above)", file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

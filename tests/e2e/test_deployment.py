@@ -1,4 +1,4 @@
-"""The nightly deployment (`python -m flows.deploy`) against a real Prefect server.
+"""The nightly deployment (`imgpipe flow deploy`) against a real Prefect server.
 
 The deploy command runs as a user would start it, in its own process: it registers the
 deployment with its schedule, the server's scheduler creates the upcoming runs, and the same
@@ -44,7 +44,7 @@ def make_repo(path: Path) -> Path:
 
 @pytest.fixture
 def serving(prefect_api, tmp_path):
-    """`python -m flows.deploy` serving a fresh repository; yields (repo, process); stops it."""
+    """`imgpipe flow deploy` serving a fresh repository; yields (repo, process); stops it."""
     repo = make_repo(tmp_path / "repo")
     env = {
         **os.environ,
@@ -60,7 +60,7 @@ def serving(prefect_api, tmp_path):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.deploy", "--repo", str(repo)],
+            [Path(sys.executable).with_name("imgpipe"), "flow", "deploy", "--repo", str(repo)],
             cwd=PROJECT,
             env=env,
             stdout=log,

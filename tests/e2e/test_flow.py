@@ -7,8 +7,10 @@ photos. What each test checks is read back from the server: run states, task run
 artifacts.
 """
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +29,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType, TaskRun
 
 from flows.artifacts import (
-    data_quality_markdown,
     gate_verdict,
     metrics_description,
     metrics_rows,
+    summary_for_prefect,
 )
 from flows.dag import stage_order
 from flows.pipeline import pipeline
@@ -184,7 +186,8 @@ def test_command_line_prints_the_summary_or_the_error(prefect_api, tmp_path):
     env = {**os.environ, **QUIET_ENV, "PREFECT_API_URL": prefect_api}
 
     def cli(repo: Path) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
+        imgpipe = Path(sys.executable).with_name("imgpipe")  # the installed command
+        command = [imgpipe, "flow", "run", "--repo", str(repo)]
         return subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
 
     done = cli(make_repo(tmp_path / "good"))
@@ -296,25 +299,25 @@ def test_publishes_the_data_quality_summary_and_the_metrics(prefect_api, client,
     assert sorted(published) == ["data-quality", "metrics"]
     (quality,) = published["data-quality"]
     assert quality.type == "markdown"
-    summary = json.loads((repo / "out" / "quality" / "summary.json").read_text())
-    passed = summary["expectations"]["passed"]
-    assert passed > 0
-    report = repo / "out" / "quality" / "site" / "index.html"
-    assert report.is_file()
-    for line in [
-        "# Data quality: passed",
-        "| inputs | 47 |",
-        "| accepted | 45 |",
-        "| quarantined | 2 (4.26%) |",
-        f"Expectations: {passed} passed, 0 failed.",
-        f"Full report (Great Expectations Data Docs): `{report}`",
-        "| daisy | 15 |",
-        "| rose | 15 |",
-        "| tulip | 15 |",
-        "| unreadable | 1 |",
-        "| duplicate | 1 |",
-    ]:
-        assert line in quality.data.splitlines()
+    # validate's own summary.md, found through params.yaml: its lines as they are, but for links
+    folder = repo / "out" / "quality"
+    page = (folder / "summary.md").read_text()
+    assert quality.description == f"validate: data-quality summary, from {(folder / 'summary.md').resolve()}"
+    shown = quality.data.splitlines()
+    assert len(shown) == len(page.splitlines())
+    assert all(line == mine for line, mine in zip(shown, page.splitlines()) if "](" not in mine)
+    assert shown[0] == "# Data quality: passed"
+    assert shown[2].startswith("**47** inputs: **45** accepted, **2** quarantined (4.3%).")
+    for line in ["| daisy | 15 |", "| rose | 15 |", "| tulip | 15 |", "| unreadable | 1 |", "| duplicate | 1 |"]:
+        assert line in shown
+    # the Data Docs by their absolute path; each picture inlined, with the bytes of its file
+    report = folder / "site" / "index.html"
+    assert report.is_file() and "[Data Docs](site/index.html)" in page
+    assert f"Data Docs (`{report.resolve()}`)" in quality.data
+    linked = re.findall(r"!\[[^\]]*\]\((summary_files/[^)]+)\)", page)
+    inlined = re.findall(r"!\[[^\]]*\]\(data:image/(?:png|jpeg);base64,([^)]+)\)", quality.data)
+    assert "summary_files/classes.png" in linked and "](summary_files/" not in quality.data
+    assert [base64.b64decode(data) for data in inlined] == [(folder / link).read_bytes() for link in linked]
     (metrics,) = published["metrics"]
     assert metrics.type == "table"
     assert metrics.data == [
@@ -341,57 +344,23 @@ def test_publishes_the_data_quality_summary_and_the_metrics(prefect_api, client,
     assert f"Gate: {WARNED}. Full report: " in published["metrics"][0].description
 
 
-SUMMARY = {
-    "inputs": 5,
-    "ingested": 4,
-    "quarantined": 1,
-    "quarantined_fraction": 0.2,
-    "classes": {"cat": 3, "dog|wolf": 1, "empty": 0},
-    "quarantine_reasons": {"unreadable": 1, "too small": 0},
-    "expectations": {
-        "passed": 1,
-        "failed": 1,
-        "results": [
-            {"table": "accepted_images", "column": "id", "description": "No duplicates",
-             "critical": True, "success": True, "element_count": 4, "unexpected_count": 0},
-            {"table": "class_counts", "column": "accepted",
-             "description": "Enough images per class", "critical": True, "success": False,
-             "element_count": 3, "unexpected_count": 2},
-        ],
-    },
-    "success": False,
-    "report": "reports/data_quality/site/index.html",
-}
+def test_summary_for_prefect_inlines_pictures_and_makes_file_links_absolute(tmp_path):
+    (tmp_path / "summary_files").mkdir()
+    (tmp_path / "summary_files" / "a.jpg").write_bytes(b"\xff\xd8 a JPEG")
+    page = (
+        "# Data quality\n\nSee [Data Docs](site/index.html), [the docs](https://example.org/x), [top](#top).\n\n"
+        "| ![cat\\|dog](summary_files/a.jpg) | ![gone](summary_files/gone.jpg) | ![root](/x.png) |\n"
+    )
 
+    shown = summary_for_prefect(page, tmp_path)
 
-def test_data_quality_markdown_shows_counts_reasons_and_failures():
-    markdown = data_quality_markdown(SUMMARY, "/r/site/index.html", "/r/quarantine.csv")
-    markdown = markdown.splitlines()
-
-    assert markdown[0] == "# Data quality: FAILED (a critical expectation failed)"
-    assert "| quarantined | 1 (20.00%) |" in markdown
-    assert "Expectations: 1 passed, 1 failed." in markdown
-    assert "Full report (Great Expectations Data Docs): `/r/site/index.html`" in markdown
-    assert "Quarantined files and their reasons: `/r/quarantine.csv`" in markdown
-    # every class, the empty one too; a "|" in a name escaped so the table keeps its columns
-    assert ["| cat | 3 |", "| dog\\|wolf | 1 |", "| empty | 0 |"] == [
-        line for line in markdown if line.startswith(("| cat", "| dog", "| empty"))
-    ]
-    # reasons that quarantined nothing are left out; only failed expectations are listed
-    assert "| unreadable | 1 |" in markdown and not any("too small" in line for line in markdown)
-    assert markdown[-1] == "| Enough images per class | class_counts.accepted | 2 of 3 | yes |"
-
-
-def test_data_quality_markdown_says_when_nothing_was_quarantined():
-    clean = {**SUMMARY, "quarantined": 0, "quarantined_fraction": 0.0, "success": True,
-             "quarantine_reasons": {"unreadable": 0}}
-    passed_only = SUMMARY["expectations"]["results"][:1]
-    clean["expectations"] = {"passed": 1, "failed": 0, "results": passed_only}
-
-    markdown = data_quality_markdown(clean, "site/index.html", "quarantine.csv").splitlines()
-
-    assert markdown[0] == "# Data quality: passed"
-    assert markdown[-1] == "None: every input was accepted."
+    jpeg = base64.b64encode(b"\xff\xd8 a JPEG").decode()
+    assert shown == (
+        f"# Data quality\n\nSee Data Docs (`{tmp_path.resolve() / 'site' / 'index.html'}`), "
+        "[the docs](https://example.org/x), [top](#top).\n\n"
+        f"| ![cat\\|dog](data:image/jpeg;base64,{jpeg}) "
+        f"| (gone: no picture at `{tmp_path.resolve() / 'summary_files' / 'gone.jpg'}`) | ![root](/x.png) |\n"
+    )
 
 
 def test_metrics_rows_and_description():

@@ -12,8 +12,9 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from flows.scaleout import ShardsMismatch, mismatches, shard_stats, split_summary
+from flows.scaleout import shard_stats
 from imgpipe.model import shards
+from imgpipe.model.shard_stats import ShardsMismatch, checked_summary, mismatches, split_summary
 from tests.e2e.helpers import eventually
 
 CLASSES = ["cat", "dog", "fox"]
@@ -112,3 +113,19 @@ def test_mismatches_name_the_split_and_class_that_disagree_with_meta():
         "val/a: meta.json says 1, the shards hold 0",
     ]
     assert issubclass(ShardsMismatch, ValueError)
+
+
+def test_checked_summary_returns_the_summary_or_raises_with_every_difference():
+    parts = [{"split": "train", "file": "f", "records": 2, "class_counts": [1, 1], "pixel_sum": 2.0,
+              "pixels": 8}]
+    meta = {"classes": ["a", "b"], "counts": {"train": 2}, "class_counts": {"train": {"a": 1, "b": 1}}}
+
+    assert checked_summary("shards", parts, meta) == split_summary(parts, ["a", "b"])
+    claims_more = {**meta, "counts": {"train": 3}, "class_counts": {"train": {"a": 2, "b": 1}}}
+    with pytest.raises(ShardsMismatch) as raised:
+        checked_summary("shards", parts, claims_more)
+    assert str(raised.value) == (
+        "shards: the shards disagree with meta.json:\n"
+        "train: meta.json says 3 records, the shards hold 2\n"
+        "train/a: meta.json says 2, the shards hold 1"
+    )

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -23,7 +25,6 @@ import tensorflow as tf
 from stages import evaluate
 from imgpipe.model import inference
 from imgpipe.model import loading as model_io
-from imgpipe.model import predict
 from imgpipe.model import shards
 from stages import train
 from imgpipe.core.errors import StageError
@@ -32,6 +33,8 @@ from imgpipe.model.builder import build
 from imgpipe.core.params import Train
 from tests.model.test_model import TinyHubModel
 from tests.model.test_train_evaluate import CLASSES, make_params, read_mnist, write_rebalance, write_shards
+
+IMGPIPE = Path(sys.executable).with_name("imgpipe")  # the installed command, run as a user runs it
 
 # trains a real model: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
@@ -59,10 +62,13 @@ def hub_run(tmp_path_factory):
     return params, root / "hub"
 
 
-def run_predict(capsys, *argv) -> tuple[int, str, str]:
-    code = predict.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_predict(*argv) -> tuple[int, str, str]:
+    """`imgpipe predict`, run as a user runs it; stderr keeps predict's own lines (TensorFlow logs
+    a few lines of its own when it starts, whatever TF_CPP_MIN_LOG_LEVEL says)."""
+    done = subprocess.run([IMGPIPE, "predict", *map(str, argv)], capture_output=True, text=True, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    own = "".join(line + "\n" for line in done.stderr.splitlines() if line.startswith("predict:"))
+    return done.returncode, done.stdout, own
 
 
 def test_evaluate_loads_the_hub_model_and_says_why(hub_run, caplog):
@@ -79,19 +85,19 @@ def test_evaluate_loads_the_hub_model_and_says_why(hub_run, caplog):
     assert "TF Hub" in line and str(hub) in line
 
 
-def test_predict_refuses_the_hub_model_without_trust_model(hub_run, tmp_path, capsys):
+def test_predict_refuses_the_hub_model_without_trust_model(hub_run, tmp_path):
     params, _ = hub_run
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.zeros((28, 28), np.uint8))
     export = Path(params.evaluate.export_dir)
-    code, out, err = run_predict(capsys, "--model", export, image)
+    code, out, err = run_predict("--model", export, image)
     assert code == 2 and out == ""
     assert err.count("\n") == 1  # one line
     assert err.startswith(f"predict: error: {export / MODEL} holds a TF Hub SavedModel layer")
     assert "--trust-model" in err
 
 
-def test_predict_with_trust_model_gives_the_probabilities_evaluate_recorded(hub_run, tmp_path, capsys):
+def test_predict_with_trust_model_gives_the_probabilities_evaluate_recorded(hub_run, tmp_path):
     params, _ = hub_run
     recorded = pd.read_csv(Path(params.paths.reports) / "evaluation" / "predictions.csv", dtype={"predicted": str})
     # the test digits as PNG files: their pixels / 255 are the shards' pixels
@@ -101,7 +107,7 @@ def test_predict_with_trust_model_gives_the_probabilities_evaluate_recorded(hub_
     for image_id in recorded["id"]:
         files.append(tmp_path / f"{image_id}.png")
         cv2.imwrite(str(files[-1]), by_id[image_id])
-    code, _, err = run_predict(capsys, "--trust-model", "--model", params.evaluate.export_dir,
+    code, _, err = run_predict("--trust-model", "--model", params.evaluate.export_dir,
                                "--output", tmp_path / "p.csv", *files)
     assert code == 0, err
     got = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype={"label": str})
@@ -110,7 +116,7 @@ def test_predict_with_trust_model_gives_the_probabilities_evaluate_recorded(hub_
     np.testing.assert_allclose(got[probs].to_numpy(), recorded[probs].to_numpy(), atol=2e-6)  # both rounded
 
 
-def test_a_moved_savedmodel_is_an_error_naming_it(hub_run, tmp_path, capsys):
+def test_a_moved_savedmodel_is_an_error_naming_it(hub_run, tmp_path):
     params, _ = hub_run
     save_hub_module(tmp_path / "hub")
     model = build(len(CLASSES), (28, 28, 1), Train(backbone="hub", hub_handle=str(tmp_path / "hub"), backbone_size=SIZE),
@@ -127,7 +133,7 @@ def test_a_moved_savedmodel_is_an_error_naming_it(hub_run, tmp_path, capsys):
         inference.load_model(export / MODEL, shards.read_meta(params.paths.shards))
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.zeros((28, 28), np.uint8))
-    code, _, err = run_predict(capsys, "--trust-model", "--model", export, image)
+    code, _, err = run_predict("--trust-model", "--model", export, image)
     assert code == 2 and err.count("\n") == 1
     assert f"{export / MODEL}: its TF Hub backbone, {message}" in err
 

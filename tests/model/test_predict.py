@@ -9,6 +9,8 @@ preprocess stage did), then predict on the test photos' files.
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -19,7 +21,6 @@ import tensorflow as tf
 
 from imgpipe.core.runner import run_stage
 from stages import evaluate
-from imgpipe.model import predict
 from stages import preprocess
 from stages import rebalance
 from stages import train
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 FLOWERS = ROOT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
 WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+IMGPIPE = Path(sys.executable).with_name("imgpipe")  # the installed command, run as a user runs it
 CLASSES = ("daisy", "rose", "tulip")
 PER_CLASS = {"train": 20, "val": 5, "test": 8}
 
@@ -65,16 +67,15 @@ def flowers_run(tmp_path_factory):
     return params, recorded
 
 
-def run_predict(capsys, *argv) -> tuple[int, str, str]:
-    code = predict.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_predict(*argv) -> tuple[int, str, str]:
+    done = subprocess.run([IMGPIPE, "predict", *map(str, argv)], capture_output=True, text=True, check=False)
+    return done.returncode, done.stdout, done.stderr
 
 
-def test_predict_gives_the_labels_and_probabilities_evaluate_recorded(flowers_run, tmp_path, capsys):
+def test_predict_gives_the_labels_and_probabilities_evaluate_recorded(flowers_run, tmp_path):
     params, recorded = flowers_run
     files = [FLOWERS / path for path in recorded["path"]]
-    code, _, err = run_predict(capsys, "--model", params.evaluate.export_dir, "--output", tmp_path / "p.csv", *files)
+    code, _, err = run_predict("--model", params.evaluate.export_dir, "--output", tmp_path / "p.csv", *files)
     assert code == 0, err
     got = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert list(got.columns) == ["path", "label", "confidence", "p_daisy", "p_rose", "p_tulip", "error"]
@@ -86,7 +87,7 @@ def test_predict_gives_the_labels_and_probabilities_evaluate_recorded(flowers_ru
     assert recorded["predicted"].nunique() > 1
 
 
-def test_bad_files_get_a_message_and_the_others_still_get_predictions(flowers_run, tmp_path, capsys):
+def test_bad_files_get_a_message_and_the_others_still_get_predictions(flowers_run, tmp_path):
     params, recorded = flowers_run
     folder = tmp_path / "inbox"
     (folder / "sub").mkdir(parents=True)
@@ -97,7 +98,7 @@ def test_bad_files_get_a_message_and_the_others_still_get_predictions(flowers_ru
     (folder / "cut.jpg").write_bytes(good[0].read_bytes()[:600])
     (folder / "empty.png").write_bytes(b"")
     (folder / ".hidden.jpg").write_text("ignored")
-    code, out, err = run_predict(capsys, "--model", params.evaluate.export_dir, "--format", "json", folder,
+    code, out, err = run_predict("--model", params.evaluate.export_dir, "--format", "json", folder,
                                  tmp_path / "missing.jpg")
     assert code == 1
     results = {Path(r["path"]).name: r for r in json.loads(out)}
@@ -113,9 +114,9 @@ def test_bad_files_get_a_message_and_the_others_still_get_predictions(flowers_ru
     assert "4 of 6 file(s) got no prediction" in err
 
 
-def test_table_output_is_one_line_per_predicted_file(flowers_run, capsys):
+def test_table_output_is_one_line_per_predicted_file(flowers_run):
     params, recorded = flowers_run
-    code, out, _ = run_predict(capsys, "--model", params.evaluate.export_dir, FLOWERS / recorded["path"][0])
+    code, out, _ = run_predict("--model", params.evaluate.export_dir, FLOWERS / recorded["path"][0])
     assert code == 0
     path, label, confidence = out.split()
     assert label == recorded["predicted"][0] and float(confidence) == pytest.approx(recorded["confidence"][0], abs=1e-4)
@@ -139,21 +140,21 @@ def test_saved_model_takes_raw_files_and_agrees_with_predict(flowers_run):
     assert "serving_default" in served.signatures
 
 
-def test_model_file_with_code_in_it_is_refused(flowers_run, tmp_path, capsys):
+def test_model_file_with_code_in_it_is_refused(flowers_run, tmp_path):
     params, _ = flowers_run
     export = tmp_path / "export"
     shutil.copytree(params.evaluate.export_dir, export, ignore=shutil.ignore_patterns("saved_model"))
     inputs = keras.Input((48, 48, 3))
     outputs = keras.layers.Lambda(lambda x: x[:, 0, 0, :])(inputs)  # a Lambda layer holds Python code
     keras.Model(inputs, outputs).save(export / "model.keras")
-    code, _, err = run_predict(capsys, "--model", export, sorted((FLOWERS / "daisy").glob("*.jpg"))[0])
+    code, _, err = run_predict("--model", export, sorted((FLOWERS / "daisy").glob("*.jpg"))[0])
     assert code == 2
     assert f"{export / 'model.keras'}: cannot load the model safely" in err and "safe_mode" in err
 
 
-def test_missing_export_is_a_clear_error(tmp_path, capsys):
-    code, _, err = run_predict(capsys, "--model", tmp_path / "nowhere", tmp_path)
+def test_missing_export_is_a_clear_error(tmp_path):
+    code, _, err = run_predict("--model", tmp_path / "nowhere", tmp_path)
     assert code == 2 and "no files in" in err
     (tmp_path / "x.jpg").write_bytes(b"x")
-    code, _, err = run_predict(capsys, "--model", tmp_path / "nowhere", tmp_path / "x.jpg")
+    code, _, err = run_predict("--model", tmp_path / "nowhere", tmp_path / "x.jpg")
     assert code == 2 and f"{tmp_path / 'nowhere' / 'preprocess.json'} not found" in err
