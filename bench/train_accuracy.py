@@ -25,7 +25,7 @@ os.environ.update({k: workspace.environment()[k] for k in ("KERAS_HOME", "TF_CPP
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from imgpipe.model import loading as model_io  # noqa: E402
+from imgpipe.model import loading  # noqa: E402
 from imgpipe.model import shards  # noqa: E402
 
 WEIGHTS = str(workspace.WEIGHTS)  # the offline MobileNet 0.25 file, for sizes Keras has no other file for
@@ -50,7 +50,7 @@ SETUPS = {
 
 
 def test_accuracy(folder: Path, params: dict) -> float:
-    model = model_io.load(folder / params["paths"]["model"], trust=True)  # this run's own model
+    model = loading.load(folder / params["paths"]["model"], trust=True)  # this run's own model
     meta = shards.read_meta(folder / params["paths"]["shards"])
     ds = shards.records(folder / params["paths"]["shards"], "test", meta).batch(256)
     ds = ds.map(shards.parse_batch(meta, ("image", "label")))

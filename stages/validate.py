@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from imgpipe.core import atomic_write as atomic
+from imgpipe.core import atomic_write
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Validate
 from imgpipe.core.runner import stage_main
@@ -47,16 +47,16 @@ def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
 
     tables = expectations.tables(manifest.assign(quarantine_reason=result.decisions["rule"]),
                                  result.accepted, result.groups, result.classes)
-    with atomic.atomic_dir(dq / "site") as site:
+    with atomic_write.atomic_dir(dq / "site") as site:
         outcomes = expectations.check(tables, expectations.suites(rules, labels), site)
     log.info("great expectations: %d of %d expectations passed; report: %s",
              sum(o.success for o in outcomes), len(outcomes), report)
 
     # written before the gate, so that a failed run still leaves the report to read
-    atomic.write_csv(paths.accepted, result.accepted)
-    atomic.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
+    atomic_write.write_csv(paths.accepted, result.accepted)
+    atomic_write.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
     summary = summarise(result, outcomes, report)
-    atomic.write_json(dq / "summary.json", summary)
+    atomic_write.write_json(dq / "summary.json", summary)
     write_summary_page(rules, ingest, result, summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
@@ -71,9 +71,9 @@ def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary:
     except SourceError as exc:  # the page is still worth having without thumbnails
         log.warning("summary without thumbnails: %s", exc)
         source = None
-    with source or contextlib.nullcontext(), atomic.atomic_dir(dq / quality_report.FILES) as files:
+    with source or contextlib.nullcontext(), atomic_write.atomic_dir(dq / quality_report.FILES) as files:
         page = quality_report.write(result, summary, rules, source, files)
-    atomic.write_text(dq / "summary.md", page)
+    atomic_write.write_text(dq / "summary.md", page)
     log.info("summary: %s", dq / "summary.md")
 
 

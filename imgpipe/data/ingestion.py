@@ -33,7 +33,7 @@ from imgpipe.data import facts_cache
 from imgpipe.data.manifest import COLUMNS, FACTS, RECORD_COLUMNS
 from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
 from imgpipe.images import facts as image_facts
-from imgpipe.images import formats as imagefile
+from imgpipe.images import formats
 
 # files per task sent to a worker: large enough that messaging costs little per image
 CHUNKSIZE = 256
@@ -63,7 +63,7 @@ def describe(data: bytes, max_pixels: int, facts: image_facts.FactsBatch | None 
     cache both take the values in that order. With `facts`, a batch shared by many calls, the
     last five values (the image's facts) are appended when the batch is finished.
     """
-    looked = imagefile.look(data, max_pixels, image_facts.FACTS_SIDE)
+    looked = formats.look(data, max_pixels, image_facts.FACTS_SIDE)
     if looked.shape is None:
         return [hashlib.sha1(data).hexdigest(), looked.format, None, None, None, None, len(data), looked.error,
                 *_NO_FACTS]
@@ -113,7 +113,7 @@ def too_large(root: str, path: str, max_pixels: int) -> list:
         return unreadable(f"cannot read file: {exc.strerror}")
     reason = (f"too large to read: {size} bytes, more than an image of {max_pixels} pixels (ingest.max_pixels) "
               f"can take ({max_file_bytes(max_pixels)} bytes)")
-    return [digest, imagefile.detect_format(head), None, None, None, None, size, reason, *_NO_FACTS]
+    return [digest, formats.detect_format(head), None, None, None, None, size, reason, *_NO_FACTS]
 
 
 def manifest_row(record: Record, values: list) -> list:

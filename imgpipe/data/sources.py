@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from imgpipe.images import formats as imagefile
+from imgpipe.images import formats
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(?P<gz>\.gz)?$")
@@ -225,11 +225,11 @@ class Source:
             return self.read_idx_pixels(path).tobytes()
         return read_file(self.root, path)
 
-    def read_image(self, path: str) -> imagefile.Decoded:
+    def read_image(self, path: str) -> formats.Decoded:
         """The image at `path`, decoded (for IDX: its pixels), or the reason it cannot be."""
         if self.layout == "idx":
-            return imagefile.Decoded(self.read_idx_pixels(path), "")
-        return imagefile.decode(self.read_bytes(path))
+            return formats.Decoded(self.read_idx_pixels(path), "")
+        return formats.decode(self.read_bytes(path))
 
     def read_idx_pixels(self, path: str) -> np.ndarray:
         name, _, index = path.rpartition(IDX_REF)

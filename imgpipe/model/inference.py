@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from imgpipe.model import loading as model_io
+from imgpipe.model import loading
 from imgpipe.model import shards
 from imgpipe.core.errors import StageError
 
@@ -52,7 +52,7 @@ def load_model(model_path: Path, meta: dict) -> keras.Model:
         raise StageError(f"{model_path}: model not found; run the train stage first")
     # Safe mode (a model that would run Python code is refused), except for a TF Hub backbone:
     # paths.model is this pipeline's own train stage's output, so its SavedModel is trusted.
-    model = model_io.load(model_path, trust=True)
+    model = loading.load(model_path, trust=True)
     expected = (meta["height"], meta["width"], meta["channels"])
     if tuple(model.input_shape[1:]) != expected or model.output_shape[-1] != len(meta["classes"]):
         raise StageError(

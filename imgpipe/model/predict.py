@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from imgpipe.images import formats as imagefile
-from imgpipe.model import loading as model_io
+from imgpipe.images import formats
+from imgpipe.model import loading
 from imgpipe.model import shards
 from imgpipe.core.errors import StageError
 from imgpipe.model.export import MODEL, PREPROCESS, spec_preprocess
@@ -59,7 +59,7 @@ def list_inputs(paths: Iterable[str]) -> list[Path]:
 
 def pixels(data: bytes, p: Preprocess, spec: dict) -> np.ndarray:
     """An image file's bytes -> the float32 pixels the model takes; ValueError saying why not."""
-    decoded = imagefile.decode(data, spec["max_pixels"])
+    decoded = formats.decode(data, spec["max_pixels"])
     if not decoded.ok:
         raise ValueError(decoded.error)
     x = normalize(transform(decoded.image, p), p, spec["mean"], spec["std"])
@@ -85,8 +85,8 @@ def load_export(folder: str | Path, trust_model: bool = False):
     try:
         # safe mode: a model file holding Python code (a Lambda layer) is refused, not run; a TF
         # Hub backbone (a SavedModel's graph) only with --trust-model
-        model = model_io.load(model_path, trust=trust_model)
-    except model_io.UntrustedModel as exc:
+        model = loading.load(model_path, trust=trust_model)
+    except loading.UntrustedModel as exc:
         raise PredictError(f"{exc}; pass --trust-model if you trust the model and that SavedModel") from None
     except StageError as exc:
         raise PredictError(str(exc)) from None

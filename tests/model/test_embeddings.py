@@ -7,27 +7,27 @@ import keras
 import numpy as np
 import pytest
 
-from imgpipe.model import feature_cache as embeddings
+from imgpipe.model import feature_cache
 from imgpipe.model.shards import ShardWriter
 
 
 def ids(*names) -> np.ndarray:
-    return np.array([n.encode() for n in names], embeddings.ID_DTYPE)
+    return np.array([n.encode() for n in names], feature_cache.ID_DTYPE)
 
 
 def test_lookup_finds_rows_and_marks_absent_ids():
     cached = ids("c", "a", "d")
     order = np.argsort(cached)
-    assert embeddings.lookup(cached[order], order, ids("a", "b", "d", "c", "z")).tolist() == [1, -1, 2, 0, -1]
-    assert embeddings.lookup(ids(), np.zeros(0, np.int64), ids("a")).tolist() == [-1]
+    assert feature_cache.lookup(cached[order], order, ids("a", "b", "d", "c", "z")).tolist() == [1, -1, 2, 0, -1]
+    assert feature_cache.lookup(ids(), np.zeros(0, np.int64), ids("a")).tolist() == [-1]
 
 
 def test_key_changes_with_the_weights_and_the_description():
     w = [np.ones((2, 2), np.float32)]
-    key = embeddings.cache_key(w, {"backbone": "mobilenet"})
-    assert key == embeddings.cache_key([np.ones((2, 2), np.float32)], {"backbone": "mobilenet"})
-    assert key != embeddings.cache_key([np.full((2, 2), 2, np.float32)], {"backbone": "mobilenet"})
-    assert key != embeddings.cache_key(w, {"backbone": "vgg16"})
+    key = feature_cache.cache_key(w, {"backbone": "mobilenet"})
+    assert key == feature_cache.cache_key([np.ones((2, 2), np.float32)], {"backbone": "mobilenet"})
+    assert key != feature_cache.cache_key([np.full((2, 2), 2, np.float32)], {"backbone": "mobilenet"})
+    assert key != feature_cache.cache_key(w, {"backbone": "vgg16"})
 
 
 class CountingExtractor:
@@ -66,16 +66,16 @@ def test_features_are_computed_once_and_new_images_cost_only_themselves(tmp_path
     path = tmp_path / "cache" / "key.npy"
     train_ids = ids(*(i for i, _ in written["train"]))
     extractor = CountingExtractor()
-    cache = embeddings.update(path, extractor, tmp_path / "shards", meta, ("train",), train_ids, batch_size=8)
+    cache = feature_cache.update(path, extractor, tmp_path / "shards", meta, ("train",), train_ids, batch_size=8)
     assert extractor.seen == 20 and len(cache) == 20
     values = {image_id.encode(): v for image_id, v in written["train"] + written["val"]}
     np.testing.assert_array_equal(cache.gather(cache.rows(train_ids))[:, 0], [values[i] for i in train_ids])
 
     # the same images again: nothing computed; five more (the validation split): only those
-    embeddings.update(path, extractor, tmp_path / "shards", meta, ("train",), train_ids, batch_size=8)
+    feature_cache.update(path, extractor, tmp_path / "shards", meta, ("train",), train_ids, batch_size=8)
     assert extractor.seen == 20
     every = np.concatenate([train_ids, ids(*(i for i, _ in written["val"]))])
-    cache = embeddings.update(path, extractor, tmp_path / "shards", meta, ("train", "val"), every, batch_size=8)
+    cache = feature_cache.update(path, extractor, tmp_path / "shards", meta, ("train", "val"), every, batch_size=8)
     assert extractor.seen == 25 and len(cache) == 25
     np.testing.assert_array_equal(cache.gather(cache.rows(every))[:, 0], [values[i] for i in every])
     assert sorted(p.name for p in path.parent.iterdir()) == ["key.npy"]  # no temporary file left
@@ -84,11 +84,11 @@ def test_features_are_computed_once_and_new_images_cost_only_themselves(tmp_path
 def test_head_batches_pair_each_row_with_its_label_and_reshuffle_every_epoch(tmp_path):
     meta, written = write_shards(tmp_path / "shards", {"train": 30})
     train_ids = ids(*(i for i, _ in written["train"]))
-    cache = embeddings.update(tmp_path / "c.npy", CountingExtractor(), tmp_path / "shards", meta, ("train",),
+    cache = feature_cache.update(tmp_path / "c.npy", CountingExtractor(), tmp_path / "shards", meta, ("train",),
                               train_ids, batch_size=8)
     rows = np.repeat(cache.rows(train_ids), 2)  # every image twice, as oversampling does
     labels = np.repeat([v for _, v in written["train"]], 2)  # label = the pixel value, to check pairing
-    ds = embeddings.head_dataset(cache, rows, labels, batch_size=8, shuffle_seed=1)
+    ds = feature_cache.head_dataset(cache, rows, labels, batch_size=8, shuffle_seed=1)
     epochs = [[(x[:, 0], y) for x, y in ds.as_numpy_iterator()] for _ in range(2)]
     for epoch in epochs:
         features = np.concatenate([x for x, _ in epoch])
@@ -108,7 +108,7 @@ def test_duplicate_ids_in_the_shards_are_a_stage_error(tmp_path):
             writer.write(np.zeros((4, 4, 1), np.float32), 0, "same-id", "x.png")
     meta = {"height": 4, "width": 4, "channels": 1, "files": {"train": writer.files}, "counts": {"train": 2}}
     with pytest.raises(StageError, match="more than once"):
-        embeddings.update(tmp_path / "c.npy", CountingExtractor(), folder, meta, ("train",), ids("same-id"), 8)
+        feature_cache.update(tmp_path / "c.npy", CountingExtractor(), folder, meta, ("train",), ids("same-id"), 8)
 
 
 def test_a_real_extractor_fills_the_cache_with_its_features(tmp_path):
@@ -116,6 +116,6 @@ def test_a_real_extractor_fills_the_cache_with_its_features(tmp_path):
     inputs = keras.Input((4, 4, 1))
     extractor = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 2)(inputs)))
     train_ids = ids(*(i for i, _ in written["train"]))
-    cache = embeddings.update(tmp_path / "c.npy", extractor, tmp_path / "shards", meta, ("train",), train_ids, 4)
+    cache = feature_cache.update(tmp_path / "c.npy", extractor, tmp_path / "shards", meta, ("train",), train_ids, 4)
     images = np.stack([np.full((4, 4, 1), v, np.float32) for _, v in written["train"]])
     np.testing.assert_allclose(cache.gather(cache.rows(train_ids)), extractor.predict_on_batch(images), rtol=1e-5)

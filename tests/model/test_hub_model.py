@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from stages import evaluate
 from imgpipe.model import inference
-from imgpipe.model import loading as model_io
+from imgpipe.model import loading
 from imgpipe.model import shards
 from stages import train
 from imgpipe.core.errors import StageError
@@ -78,7 +78,7 @@ def test_evaluate_loads_the_hub_model_and_says_why(hub_run, caplog):
     export = Path(params.evaluate.export_dir)
     assert (export / MODEL).is_file() and (export / "saved_model" / "saved_model.pb").is_file()
     # the saved model refers to the SavedModel by its (absolute) path
-    assert model_io.savedmodel_paths(params.paths.model) == [str(hub)]
+    assert loading.savedmodel_paths(params.paths.model) == [str(hub)]
     caplog.set_level(logging.INFO)
     inference.load_model(Path(params.paths.model), shards.read_meta(params.paths.shards))
     (line,) = [r.getMessage() for r in caplog.records if "safe_mode=False" in r.getMessage()]
@@ -125,7 +125,7 @@ def test_a_moved_savedmodel_is_an_error_naming_it(hub_run, tmp_path):
     export.mkdir()
     model.save(export / MODEL)
     shutil.copyfile(Path(params.evaluate.export_dir) / PREPROCESS, export / PREPROCESS)
-    assert model_io.load(export / MODEL, trust=True).output_shape == (None, len(CLASSES))
+    assert loading.load(export / MODEL, trust=True).output_shape == (None, len(CLASSES))
     shutil.move(tmp_path / "hub", tmp_path / "moved")
 
     message = f"the SavedModel {tmp_path / 'hub'}, is not there"
@@ -145,4 +145,4 @@ def test_a_hub_model_holding_python_code_is_refused_even_when_trusted(tmp_path):
     outputs = keras.layers.Lambda(lambda x: x * 2)(features["feature_vector"])  # a Lambda layer holds Python code
     keras.Model(inputs, outputs).save(tmp_path / "model.keras")
     with pytest.raises(StageError, match="holds Python code \\(Lambda"):
-        model_io.load(tmp_path / "model.keras", trust=True)
+        loading.load(tmp_path / "model.keras", trust=True)

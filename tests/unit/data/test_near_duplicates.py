@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.data import near_duplicates as nd
+from imgpipe.data import near_duplicates
 
 
 def hashes_with_near_copies(n: int, copies: int, max_flips: int, seed: int = 0) -> np.ndarray:
@@ -28,14 +28,14 @@ def brute_force_pairs(hashes: np.ndarray, k: int) -> set[tuple[int, int]]:
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 8, 12, 16])
 def test_close_pairs_are_exactly_the_brute_force_ones(k):
     hashes = np.unique(hashes_with_near_copies(600, 150, k, seed=k))
-    found = {tuple(pair) for pair in nd.close_pairs(hashes, k).tolist()}
+    found = {tuple(pair) for pair in near_duplicates.close_pairs(hashes, k).tolist()}
     assert found == brute_force_pairs(hashes, k) and len(found) >= 100
 
 
 @pytest.mark.parametrize("n, k", [(10, 1), (1000, 4), (100_000, 4), (10**7, 4), (1000, 10)])
 def test_masks_cover_every_pattern_of_k_differing_blocks(n, k):
-    masks = nd.masks(n, k)
-    assert len(masks) <= nd.MAX_MASKS
+    masks = near_duplicates.masks(n, k)
+    assert len(masks) <= near_duplicates.MAX_MASKS
     # any k bits flipped leave at least one mask untouched: checked on random patterns
     rng = np.random.default_rng(n)
     for _ in range(2000):
@@ -47,29 +47,29 @@ def test_groups_chain_and_are_numbered_by_first_member():
     a = 0x0123456789ABCDEF
     hashes = np.array([a ^ 0b1111, 0xFEDCBA9876543210, a ^ 0b11, a, a, 0xFFFF0000FFFF0000], dtype=np.uint64)
     # 0 ~ 2 (2 bits), 2 ~ 3 (2 bits), 3 = 4: one group although 0 and 3 are 4 bits apart
-    assert nd.groups(hashes, 2).tolist() == [0, 1, 0, 0, 0, 5]
-    assert nd.groups(hashes, 0).tolist() == [0, 1, 2, 3, 3, 5]
+    assert near_duplicates.groups(hashes, 2).tolist() == [0, 1, 0, 0, 0, 5]
+    assert near_duplicates.groups(hashes, 0).tolist() == [0, 1, 2, 3, 3, 5]
 
 
 def test_hundred_thousand_hashes_each_copy_finds_its_original():
     # how the time grows with n is measured by bench/validate_bench.py (near-duplicate search)
     hashes = hashes_with_near_copies(90_000, 10_000, 4)
-    groups = nd.groups(hashes, 4)
+    groups = near_duplicates.groups(hashes, 4)
     assert len(np.unique(groups)) == 90_000  # brute force would compare 5 * 10^9 pairs
     assert (groups[90_000:] < 90_000).all()  # every copy is in the group of an original
 
 
 def test_parse_reads_the_manifest_column():
-    assert nd.parse(["ffffffffffffffff", "0000000000000001"]).tolist() == [2**64 - 1, 1]
+    assert near_duplicates.parse(["ffffffffffffffff", "0000000000000001"]).tolist() == [2**64 - 1, 1]
     values = hashes_with_near_copies(1000, 0, 0)
     column = pd.Series([f"{int(v):016x}" for v in values])
-    assert np.array_equal(nd.parse(column), values) and nd.parse([]).shape == (0,)
+    assert np.array_equal(near_duplicates.parse(column), values) and near_duplicates.parse([]).shape == (0,)
 
 
 @pytest.mark.parametrize("bad", ["abc", "0" * 17, "000000000000000g", "0x00000000000000", "00 0000000000000", None])
 def test_parse_names_a_value_that_is_not_a_hash(bad):
     with pytest.raises(ValueError, match=f"not a 64-bit hash in 16 hex digits: {re.escape(repr(bad))}"):
-        nd.parse(["0123456789abcdef", bad] * 8)
+        near_duplicates.parse(["0123456789abcdef", bad] * 8)
 
 
 def test_mirror_hashes_join_groups_as_brute_force_says():
@@ -97,8 +97,8 @@ def test_mirror_hashes_join_groups_as_brute_force_says():
         if any(close(a, b) for a in (hashes[i], mirrors[i]) for b in (hashes[j], mirrors[j])):
             parent[max(root(i), root(j))] = min(root(i), root(j))
     expected = [min(x for x in range(n) if root(x) == root(i)) for i in range(n)]
-    found = nd.groups(hashes, k, mirrors=mirrors).tolist()
+    found = near_duplicates.groups(hashes, k, mirrors=mirrors).tolist()
     assert found == expected
     assert sum(g != i for i, g in enumerate(found)) >= 40  # every flipped copy found its original
     # without the mirror hashes the flipped copies stay alone
-    assert nd.groups(hashes, k).tolist() == list(range(n))
+    assert near_duplicates.groups(hashes, k).tolist() == list(range(n))
