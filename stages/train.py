@@ -1,32 +1,16 @@
-"""Train: transfer learning in two phases on the preprocessed shards, resumable after a kill.
+"""Train: the classifier, learnt from the preprocessed shards (imgpipe/model/training.py says how).
 
 Reads  <paths.shards>/ (meta.json + TFRecords) and <paths.rebalance>/plan.json + copies.csv.
-Writes <paths.model> (a .keras file) and <paths.reports>/train_log.csv (one row per epoch).
-
-Phase 1 trains the head on the frozen backbone (lenet, learnt from scratch, trains whole).
-When nothing in it changes the backbone's features (a frozen backbone, no augmentation in
-phase 1) the features come from the embedding cache (imgpipe/model/feature_cache.py): computed once per
-image, then every epoch and every head-only run reads them instead of running the backbone.
-Phase 2 (train.fine_tune_epochs > 0) unfreezes the top train.fine_tune_layers layers of the
-backbone and trains on the images at train.fine_tune_learning_rate, with augmentation if any
-(train.augment_in_phase1: false keeps it for phase 2 only, so that phase 1 can use the cache).
-
-Images stream from the shards through tf.data (files read in parallel, records shuffled in a
-bounded buffer, whole batches parsed at once, prefetching), so memory stays flat however large
-the data set is; the rebalance plan is applied in the same stream (copies per image, or class
-weights in the loss), never by writing a rebalanced copy of the data.
-
-A run keeps its state in <train.cache_dir>/runs/<fingerprint of its inputs>/: Keras'
-BackupAndRestore backup of the current phase, the weights after phase 1, the best epoch's
-weights, and the log so far. A killed run re-run with the same inputs resumes from its last
-finished epoch; a finished run deletes the folder.
+Writes <paths.model> (a .keras file) and <paths.train_log> (one row per epoch).
+Keeps  cached features and an unfinished run's state in <runtime.train_cache_dir>: a killed run,
+       re-run with the same inputs, resumes from its last finished epoch.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import keras
