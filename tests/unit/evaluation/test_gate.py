@@ -1,6 +1,6 @@
 """The model gate's pure functions and its blessed file, on tmp files.
 
-tests/model/test_gate.py holds the checks' pass, fail and warn messages, the baseline order,
+test_gate_checks.py holds the checks' pass, fail and warn messages, the baseline order,
 appending a blessing once and a broken file's error; here what those leave out.
 """
 
