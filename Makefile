@@ -42,7 +42,7 @@ data: install
 
 run: install weights data
 	$(BIN)/dvc repro
-	@echo "metrics: reports/metrics.json (dvc metrics show); data quality: reports/data_quality/site/index.html"
+	@echo "metrics: reports/metrics.json (dvc metrics show); report: reports/evaluation/index.html; data quality: reports/data_quality/summary.md"
 
 test: install weights
 	$(BIN)/python -m pytest
