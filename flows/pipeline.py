@@ -5,7 +5,13 @@ stage graph through DVC's API and runs each stage with `dvc repro --single-item`
 up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, schedules and artifacts
 (the data-quality summary after `validate`, the test metrics after `evaluate`: flows/artifacts.py).
 
-    imgpipe flow run [--repo PATH] [--retries N] [--retry-delay SECONDS]
+With `version_data` (the nightly deployment's default) a run first versions new raw data with
+`dvc add` and git, and commits dvc.lock after its stages (flows/versioning.py): each run is a
+commit. Every DVC command waits while another process works in the repository (a `dvc repro`
+at a desk), up to `lock_timeout_seconds` (flows/dvc_cli.py), rather than failing half-way.
+
+    imgpipe flow run [--repo PATH] [--retries N] [--retry-delay SECONDS] [--version-data]
+                     [--lock-timeout SECONDS]
 """
 
 import time
@@ -17,7 +23,12 @@ from prefect.tasks import exponential_backoff
 
 from flows.artifacts import PUBLISHERS
 from flows.dag import stage_order
-from flows.dvc_cli import run_dvc
+from flows.dvc_cli import RepositoryBusy, run_dvc_when_free
+from flows.versioning import check_worktree, commit_run, version_raw_data
+
+# How long each DVC command waits for another process working in the repository: a whole
+# pipeline run at a desk takes about 15 minutes with the defaults.
+LOCK_TIMEOUT_SECONDS = 3600.0
 
 
 class StageFailed(RuntimeError):
@@ -34,9 +45,15 @@ def _skip_lines(stage: str) -> set[str]:
     return {f"Stage '{stage}' didn't change, skipping", f"'{stage}' didn't change, skipping"}
 
 
+def _not_busy(task, task_run, state) -> bool:
+    # A retry after waiting out lock_timeout_seconds would wait as long again: the bound the
+    # user chose is the whole wait.
+    return not isinstance(state.data, RepositoryBusy)
+
+
 # No Prefect cache: DVC decides what is up to date, and a cached task would hide a needed re-run.
-@task(cache_policy=NO_CACHE)
-def run_stage(repo: str, stage: str) -> dict:
+@task(cache_policy=NO_CACHE, retry_condition_fn=_not_busy)
+def run_stage(repo: str, stage: str, lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> dict:
     """Run one stage through DVC; report whether DVC ran or skipped it, and how long it took."""
     logger = get_run_logger()
     skip_lines = _skip_lines(stage)
@@ -48,7 +65,7 @@ def run_stage(repo: str, stage: str) -> dict:
         skipped = skipped or line in skip_lines
 
     started = time.monotonic()
-    returncode, tail = run_dvc(repo, ["repro", "--single-item", stage], log)
+    returncode, tail = run_dvc_when_free(repo, ["repro", "--single-item", stage], log, lock_timeout)
     seconds = time.monotonic() - started
     if returncode != 0:
         output = "\n".join(tail)
@@ -60,7 +77,11 @@ def run_stage(repo: str, stage: str) -> dict:
 
 @flow(name="pipeline")
 def pipeline(
-    repo: str = ".", retries: int = 0, retry_delay_seconds: float = 10.0
+    repo: str = ".",
+    retries: int = 0,
+    retry_delay_seconds: float = 10.0,
+    version_data: bool = False,
+    lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
 ) -> dict[str, dict]:
     """Run every DVC stage of the repository at `repo` in dependency order.
 
@@ -68,10 +89,23 @@ def pipeline(
     and so on (a transient cause, such as a full disk or a busy remote, gets time to clear).
     Returns {stage: {"status": "ran" | "skipped", "seconds": float}} in the order the stages ran.
     A failing stage fails its task run and the flow run; no later stage starts.
+
+    `version_data`: first refuse uncommitted work, `dvc add` the raw data and commit its `.dvc`
+    files; after the stages, commit dvc.lock and the outputs git keeps (flows/versioning.py).
+    Each DVC command waits up to `lock_timeout_seconds` while another process works in the
+    repository; then the run fails, naming that process, before the command starts.
     """
     repo = str(Path(repo).resolve())
     stages = stage_order(repo)
     get_run_logger().info("stages in order: %s", ", ".join(stages))
+    if version_data:
+        check_worktree(repo)
+        version = version_raw_data.with_options(
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(retry_delay_seconds),
+            retry_condition_fn=_not_busy,
+        )
+        version(repo, lock_timeout_seconds)
     results = {}
     # One stage at a time: `dvc repro` locks the repository, so two stages cannot run side by
     # side, and calling the task directly raises at the first failure, so no later stage starts.
@@ -82,10 +116,12 @@ def pipeline(
             retries=retries,
             retry_delay_seconds=exponential_backoff(retry_delay_seconds),
         )
-        results[stage] = stage_task(repo, stage)
+        results[stage] = stage_task(repo, stage, lock_timeout_seconds)
         # A skipped stage's outputs are still the current ones: publish them on every run, so
         # that each run in the UI shows the data quality and metrics it stands on.
         publish = PUBLISHERS.get(stage)
         if publish:
             publish(repo)
+    if version_data:
+        commit_run(repo, results)
     return results

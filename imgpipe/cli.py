@@ -54,6 +54,14 @@ DvcRepo = Annotated[
 RetryDelay = Annotated[
     float, typer.Option("--retry-delay", min=0, help="seconds before the first retry, doubled for each next one")
 ]
+LockTimeout = Annotated[
+    float,
+    typer.Option("--lock-timeout", min=0, help="seconds each DVC command waits while another process works "
+                 "in the repository (a `dvc repro`) before the run fails, naming it"),
+]
+_VERSION_DATA_HELP = ("first `dvc add` the data `.dvc` files track and commit what changed; after the "
+                      "stages, commit dvc.lock and the metrics and plots files; refuses to run while other "
+                      "tracked files have uncommitted changes")
 
 
 # -- data and model --------------------------------------------------------------------------
@@ -141,16 +149,21 @@ def flow_run(
     repo: DvcRepo = Path("."),
     retries: Annotated[int, typer.Option(min=0, help="retries per stage")] = 0,
     retry_delay: RetryDelay = 10.0,
+    version_data: Annotated[bool, typer.Option("--version-data", help=_VERSION_DATA_HELP)] = False,
+    lock_timeout: LockTimeout = 3600.0,
 ) -> None:
     """Run the DVC pipeline as a Prefect flow: one task run per stage, in dependency order.
 
     Prints one line per stage: its name, ran or skipped, and its seconds.
     """
+    from flows.dvc_cli import RepositoryBusy
     from flows.pipeline import StageFailed, pipeline
+    from flows.versioning import VersioningError
 
     try:
-        results = pipeline(repo=str(repo), retries=retries, retry_delay_seconds=retry_delay)
-    except StageFailed as exc:
+        results = pipeline(repo=str(repo), retries=retries, retry_delay_seconds=retry_delay,
+                           version_data=version_data, lock_timeout_seconds=lock_timeout)
+    except (StageFailed, RepositoryBusy, VersioningError) as exc:
         _fail(f"pipeline failed: {exc}")
     width = max(map(len, results), default=0)
     for stage, result in results.items():
@@ -165,15 +178,19 @@ def flow_deploy(
     timezone: Annotated[str, typer.Option(help="the schedule's time zone")] = "UTC",
     retries: Annotated[int, typer.Option(min=0, help="retries per stage")] = 2,
     retry_delay: RetryDelay = 60.0,
+    version_data: Annotated[
+        bool, typer.Option("--version-data/--no-version-data", help=f"each run: {_VERSION_DATA_HELP}")
+    ] = True,
+    lock_timeout: LockTimeout = 3600.0,
 ) -> None:
     """Register the scheduled pipeline deployment and serve its runs until stopped.
 
-    Stopping it (Ctrl-C or SIGTERM) pauses the schedule, so that no runs pile up for a server that
-    nobody serves.
+    One run at a time: a run due while another is going waits for it. Stopping it (Ctrl-C or
+    SIGTERM) pauses the schedule, so that no runs pile up for a server that nobody serves.
     """
     from flows.deploy import serve
 
-    serve(str(repo), name, cron, timezone, retries, retry_delay)
+    serve(str(repo), name, cron, timezone, retries, retry_delay, version_data, lock_timeout)
 
 
 @flow_app.command("experiments")

@@ -45,6 +45,9 @@ def prefect_server(home: Path) -> Iterator[str]:
         # The scheduler creates a deployment's scheduled runs every 60 s by default; a test
         # that waits for them should not wait a minute.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+        # A run waiting for the deployment's concurrency slot is offered it again after 30 s by
+        # default; the overlap test should not wait that long.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
     }
     log_path = home / "server.log"
     with open(log_path, "w") as log:

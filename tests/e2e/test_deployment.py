@@ -5,6 +5,7 @@ deployment with its schedule, the server's scheduler creates the upcoming runs, 
 process executes a run started from the server.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -20,10 +22,10 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.exceptions import ObjectNotFound
 
-from tests.e2e.helpers import QUIET_ENV, eventually, git_dvc_repo
+from tests.e2e.helpers import QUIET_ENV, eventually, git_dvc_repo, sh
 
 # starts a server or a cluster, or runs the pipeline: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
@@ -42,25 +44,25 @@ def make_repo(path: Path) -> Path:
     return git_dvc_repo(path, {"hello": stage}, {"greeting": {"name": "night"}})
 
 
-@pytest.fixture
-def serving(prefect_api, tmp_path):
-    """`imgpipe flow deploy` serving a fresh repository; yields (repo, process); stops it."""
-    repo = make_repo(tmp_path / "repo")
+@contextlib.contextmanager
+def serve_deployment(prefect_api: str, repo: Path, log_path: Path, *args: str, env: dict | None = None):
+    """`imgpipe flow deploy --repo REPO ARGS...` in its own process; yields it; stops it."""
     env = {
         **os.environ,
         **QUIET_ENV,
         "PREFECT_API_URL": prefect_api,
         # the runner asks the server for runs to execute every 10 s by default
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        **(env or {}),
     }
-    log = open(tmp_path / "serve.log", "w+")
+    log = open(log_path, "w+")
     # A shell starts a background job (`make test &`, nohup) with SIGINT ignored, and a child
     # inherits an ignored signal: the served process would then ignore Ctrl-C for good. Start
     # it as from a terminal, whatever started the tests: a handled signal is reset on exec.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         process = subprocess.Popen(
-            [Path(sys.executable).with_name("imgpipe"), "flow", "deploy", "--repo", str(repo)],
+            [Path(sys.executable).with_name("imgpipe"), "flow", "deploy", "--repo", str(repo), *args],
             cwd=PROJECT,
             env=env,
             stdout=log,
@@ -69,7 +71,7 @@ def serving(prefect_api, tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
-        yield repo, process
+        yield process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -81,6 +83,14 @@ def serving(prefect_api, tmp_path):
         log.seek(0)
         print(log.read())  # shown by pytest when the test failed
         log.close()
+
+
+@pytest.fixture
+def serving(prefect_api, tmp_path):
+    """`imgpipe flow deploy` serving a fresh repository; yields (repo, process); stops it."""
+    repo = make_repo(tmp_path / "repo")
+    with serve_deployment(prefect_api, repo, tmp_path / "serve.log") as process:
+        yield repo, process
 
 
 def read_deployment(client):
@@ -104,7 +114,16 @@ def test_nightly_deployment_is_scheduled_and_serves_its_runs(client, serving):
 
     deployment = eventually(lambda: read_deployment(client), timeout=60)
     assert deployment, "the deployment was never registered"
-    assert deployment.parameters == {"repo": str(repo), "retries": 2, "retry_delay_seconds": 60.0}
+    assert deployment.parameters == {
+        "repo": str(repo),
+        "retries": 2,
+        "retry_delay_seconds": 60.0,
+        "version_data": True,
+        "lock_timeout_seconds": 3600.0,
+    }
+    # one run at a time; a late one waits its turn
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     (schedule,) = deployment.schedules
     assert schedule.active
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
@@ -128,6 +147,9 @@ def test_nightly_deployment_is_scheduled_and_serves_its_runs(client, serving):
     assert finished.state_type == StateType.COMPLETED
     assert finished.parameters["repo"] == str(repo)
     assert (repo / "hello.txt").read_text() == "hello night\n"
+    # and committed what it wrote that git keeps: the work tree is clean
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
+    assert "hello" in yaml.safe_load(sh("git", "show", "HEAD:dvc.lock", cwd=repo).stdout)["stages"]
 
     # stopping the process pauses the schedule: no runs pile up for a server nobody serves
     process.send_signal(signal.SIGINT)

@@ -72,6 +72,9 @@ def _library_defaults() -> dict[tuple[str, ...], dict[str, str]]:
             "--repo": "[default: .]",
             "--retries": f"[default: {flow_run['retries'].default}]",
             "--retry-delay": f"[default: {flow_run['retry_delay_seconds'].default}]",
+            # off unless given: a flag shows no default
+            "--version-data": "commit dvc.lock",
+            "--lock-timeout": f"[default: {flow_run['lock_timeout_seconds'].default}]",
         },
         ("flow", "deploy"): {
             "--repo": "[default: .]",
@@ -80,6 +83,9 @@ def _library_defaults() -> dict[tuple[str, ...], dict[str, str]]:
             "--timezone": f"[default: {deploy.TIMEZONE}]",
             "--retries": f"[default: {deploy.RETRIES}]",
             "--retry-delay": f"[default: {deploy.RETRY_DELAY_SECONDS}]",
+            "--version-data": f"[default: {'version-data' if deploy.VERSION_DATA else 'no-version-data'}]",
+            "--no-version-data": "each run: first dvc add",
+            "--lock-timeout": f"[default: {pipeline.LOCK_TIMEOUT_SECONDS}]",
         },
         ("flow", "experiments"): {
             "--experiment": "[required]",
@@ -144,6 +150,8 @@ def dvc_repo(tmp_path):
         (["predict", "x.png", "--batch-size", "many"], "Invalid value for '--batch-size': Input should be a valid integer"),
         (["flow", "run", "--repo", "{tmp}/nowhere"], "Invalid value for '--repo': {tmp}/nowhere: no dvc.yaml here"),
         (["flow", "run", "--repo", "{repo}", "--retries", "-1"], "Invalid value for '--retries'"),
+        (["flow", "run", "--repo", "{repo}", "--lock-timeout", "-1"], "Invalid value for '--lock-timeout'"),
+        (["flow", "run", "--repo", "{repo}", "--no-version-data"], "No such option: --no-version-data"),
         (["flow", "deploy", "--repo", "{tmp}"], "Invalid value for '--repo': {tmp}: no dvc.yaml here"),
         (["flow", "deploy", "--repo", "{repo}", "--retry-delay", "-5"], "Invalid value for '--retry-delay'"),
         (["flow", "experiments", "--repo", "{repo}"], "Missing option '-e' / '--experiment'"),
