@@ -5,6 +5,12 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The JS and CSS of the HTML pages (web/package.json, pinned by web/package-lock.json), installed
+# into the virtualenv, where imgpipe/reports/offline.py finds them: nothing loads from a CDN
+WEB := $(VENV)/share/imgpipe-web
+WEB_STAMP := $(WEB)/.installed
+# `dvc plots show`'s page template, Vega inlined; .dvc/config names it (not committed: ~800 KB)
+PLOTS_TEMPLATE := .dvc/plots/offline.html
 SHARED_WEIGHTS := ../shared/weights/mobilenet_2_5_224_tf_no_top.h5
 export KERAS_HOME := $(CURDIR)/.cache/keras
 export DO_NOT_TRACK := 1
@@ -18,7 +24,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install data run test test-fast clean-venv
 
-install: $(STAMP)
+install: $(STAMP) $(WEB_STAMP) $(PLOTS_TEMPLATE)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +33,16 @@ $(STAMP): requirements.lock pyproject.toml
 	# the project itself, editable, on top of the lock: the `imgpipe` command, and importable anywhere
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+$(WEB_STAMP): web/package.json web/package-lock.json | $(STAMP)
+	@command -v npm >/dev/null || { echo "make install needs npm for the HTML pages' JS and CSS (Debian: apt-get install npm)"; exit 1; }
+	@mkdir -p $(WEB)
+	cp web/package.json web/package-lock.json $(WEB)/
+	cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $(WEB_STAMP)
+
+$(PLOTS_TEMPLATE): $(STAMP) $(WEB_STAMP) imgpipe/reports/offline.py
+	$(BIN)/python -m imgpipe.reports.offline $(PLOTS_TEMPLATE)
 
 # Offline ImageNet weights: Keras looks for this exact file name in $KERAS_HOME/models/.
 # Without it Keras downloads the weights on first use (needs internet).

@@ -1,5 +1,6 @@
 """ingest: the manifest (`paths.manifest`, its columns in imgpipe/data/manifest.py) of the raw inputs
-(`ingest.source`); how each file is described: imgpipe/data/ingestion.py.
+(`ingest.source`); how each file is described: imgpipe/data/ingestion.py. Beside it,
+`<manifest>.skipped.json`: the files the listing left out (hidden ones), counted by why.
 """
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ import contextlib
 import logging
 import sys
 
+from imgpipe.core import atomic_write
 from imgpipe.core.atomic_write import atomic_path
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.data import facts_cache
-from imgpipe.data.ingestion import available_cores, ingest
+from imgpipe.data.ingestion import available_cores, ingest, skipped_path
 from imgpipe.data.sources import Source, SourceError
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
@@ -34,11 +36,18 @@ def run(p: Ingest, paths: Paths, runtime: Runtime) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as fh, cache or contextlib.nullcontext():
                 count = ingest(source, fh, p.max_pixels, workers, cache)
             if count == 0:
-                raise StageError(f"ingest.source {p.source} holds no files")
+                hidden = sum(source.skipped.values())
+                raise StageError(f"ingest.source {p.source} holds no files"
+                                 + (f" but {hidden} skipped ones (hidden, or not IDX files)" if hidden else ""))
+            # the listing has run to its end: the counts are whole
+            atomic_write.write_json(skipped_path(paths.manifest), source.skipped)
     except SourceError as exc:
         raise StageError(str(exc)) from None
     reused = f"; {cache.hits} unchanged files not read again ({runtime.ingest_cache_dir})" if cache else ""
     log.info("%d inputs listed in %s%s", count, paths.manifest, reused)
+    if any(source.skipped.values()):
+        log.info("skipped, not inputs: %s",
+                 ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in source.skipped.items() if n))
 
 
 def main(argv=None) -> int:

@@ -8,13 +8,15 @@ Outputs (paths from params.yaml):
     paths.accepted                      the accepted list (imgpipe/data/manifest.py), manifest order
     <data_quality>/quarantine.csv       path,reason,detail, manifest order
     <data_quality>/site/index.html      the Data Docs report
-    <data_quality>/summary.json         counts and expectation results (a DVC metric)
+    <data_quality>/summary.json         counts (with the files ingest skipped, from `<manifest>.skipped.json`)
+                                        and expectation results (a DVC metric)
     <data_quality>/summary.md           the one-page summary; its pictures in summary_files/
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Validate
 from imgpipe.core.runner import stage_main
 from imgpipe.data import expectations
+from imgpipe.data.ingestion import skipped_path
 from imgpipe.data.manifest import read_manifest
 from imgpipe.data.sources import Source, SourceError
 from imgpipe.data.validation import Triage, failure_message, summarise, triage
@@ -55,13 +58,26 @@ def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
     # written before the gate, so that a failed run still leaves the report to read
     atomic_write.write_csv(paths.accepted, result.accepted)
     atomic_write.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
-    summary = summarise(result, outcomes, report)
+    summary = summarise(result, outcomes, report, read_skipped(paths.manifest))
     atomic_write.write_json(dq / "summary.json", summary)
     write_summary_page(rules, ingest, result, summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
     if message:
         raise StageError(message)
+
+
+def read_skipped(manifest: str) -> dict[str, int] | None:
+    """What ingest's listing skipped, by why; None when the manifest has no such file beside it
+    (one written by hand, or by an ingest older than the count)."""
+    path = skipped_path(manifest)
+    try:
+        return {str(k): int(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except FileNotFoundError:
+        log.warning("%s not found: the summary cannot say which files ingest skipped", path)
+        return None
+    except (ValueError, AttributeError) as exc:
+        raise StageError(f"{path}: not what ingest writes ({exc}); run `dvc repro ingest`") from None
 
 
 def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary: dict, dq: Path) -> None:

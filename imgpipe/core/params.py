@@ -31,6 +31,7 @@ class Paths:
     manifest: str = "data/interim/manifest.csv"
     accepted: str = "data/interim/accepted.csv"
     split: str = "data/interim/split.csv"
+    split_state: str = "data/interim/split_state.csv"
     shards: str = "data/shards"
     rebalance: str = "data/rebalance"
     model: str = "models/model.keras"

@@ -29,7 +29,8 @@ default project (whose stores sit outside uncommitted/, with analytics and progr
 
 The Data Docs site is `<paths.data_quality>/site`, a DVC output, and not part of the project's
 configuration: the path comes from params.yaml, and the site is built from this run's results
-only, not from every result the project has stored.
+only, not from every result the project has stored. It loads nothing from the network: the JS and
+CSS GX's pages take from CDNs are copied into it (see _offline_data_docs).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import pandas as pd
 from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
 from imgpipe.core.params import Validate
+from imgpipe.reports import offline
 
 SITE = "data_quality"
 # the GX project's folder, under the folder the stage runs in
@@ -176,6 +178,11 @@ def suites(rules: Validate, labels: list[str]) -> dict[str, list[gxe.Expectation
             gxe.ExpectColumnValuesToBeBetween(
                 column="imbalance", max_value=rules.max_imbalance_ratio, meta={"critical": False},
                 description=f"No class is more than {rules.max_imbalance_ratio:g} times smaller than the largest"),
+            # a warning: `cat` and `Cat` are most likely one class, but only a person can say
+            gxe.ExpectColumnValuesToBeNull(
+                column="same_name_as", meta={"critical": False},
+                description="No two class names differ only in letter case or surrounding spaces "
+                            "(the unexpected values name the look-alike classes and their images)"),
         ],
     }
 
@@ -223,8 +230,21 @@ def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_di
     # UpdateDataDocsAction per checkpoint renders only that checkpoint's page, and re-renders
     # the index each time.
     context.build_data_docs(site_names=[SITE], resource_identifiers=pages)
+    _offline_data_docs(site_dir)
     _prune_results(context.validation_results_store, RESULTS_KEPT)
     return outcomes
+
+
+def _offline_data_docs(site_dir: Path) -> None:
+    """Make the site render with no network.
+
+    GX's page templates load jQuery, Bootstrap, bootstrap-table, Font Awesome and Vega from public
+    CDNs (and its logo from its own web assets), and GX has no setting for where they come from:
+    its templates come first in its Jinja loader, so a custom views folder cannot replace them.
+    Without internet the pages show an empty shell, so right after the build the files are copied
+    into the site from the npm packages `make install` installs, and the pages point at them.
+    """
+    offline.offline_site(Path(site_dir))
 
 
 def _prune_results(store, keep: int) -> None:

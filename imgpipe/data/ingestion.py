@@ -51,6 +51,12 @@ EXTRA_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 
+def skipped_path(manifest: str | Path) -> Path:
+    """Where ingest writes what the listing skipped, by why ({"hidden": 2, ...}: sources.SKIPPED),
+    for validate's summary: beside the manifest, which holds inputs only (dvc.yaml names it too)."""
+    return Path(f"{manifest}.skipped.json")
+
+
 def max_file_bytes(max_pixels: int) -> int:
     """The largest file ingest reads into memory (see BYTES_PER_PIXEL)."""
     return BYTES_PER_PIXEL * max_pixels + EXTRA_BYTES
@@ -182,7 +188,15 @@ def describe_files(records: list[Record], root: str, max_pixels: int) -> Describ
     the others read and described."""
     keys, cached = _look_up(records, root, max_pixels)
     facts = image_facts.FactsBatch()  # the files' facts are completed together, once all are read
-    values = [file_values(r, root, max_pixels, facts) if v is None else v for r, v in zip(records, cached)]
+    # what a decoder prints (libjpeg's "Corrupt JPEG data: ...") is tied to the file: a JPEG's
+    # damage becomes its error, other messages are logged with the file's name
+    with formats.DecoderMessages() as messages:
+        values = []
+        for r, v in zip(records, cached):
+            values.append(file_values(r, root, max_pixels, facts) if v is None else v)
+            if messages.notes:
+                log.warning("%s: the decoder says: %s", r.path, "; ".join(messages.notes))
+                messages.notes.clear()
     facts.finish()
     # read and described (an id): the same bytes give the same row
     fresh = [(key, facts_cache.encode(v)) for key, v, c in zip(keys, values, cached)

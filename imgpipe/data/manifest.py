@@ -7,7 +7,10 @@
   image was not decoded.
 - the accepted list (`paths.accepted`, written by validate): the accepted rows, plus `group`,
   the image's near-duplicate group (named by its smallest id).
-- the split table (`paths.split`, written by split): the accepted list, plus `bucket` and `split`.
+- the split table (`paths.split`, written by split): the accepted list, plus `bucket` (of the
+  image's id), `assigned` (train, val or test, for good; empty for a near-duplicate `conflict`),
+  `split` (what the later stages use: `assigned`, or `unused`) and `reason` (why unused).
+  imgpipe/data/splitting.py says what they mean, and writes and reads its state.
 
 Each is read here, typed column by column, so that the stages agree on what a field holds.
 """
@@ -28,7 +31,7 @@ BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
 # Text stays text: a class called "0" is not a number, nor is a hash of decimal digits. A column a
 # file lacks is not read (pandas passes over those names).
 DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error", "phash", "phash_mirror",
-                              "group", "split")},
+                              "group", "assigned", "split", "reason")},
           **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes", "bucket")},
           **{c: "float64" for c in ("sharpness", "brightness", "contrast")}}
 

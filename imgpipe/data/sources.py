@@ -29,7 +29,7 @@ import shutil
 import stat
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +41,11 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "
 IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(?P<gz>\.gz)?$")
 IDX_SPLITS = {"train": "train", "t10k": "test", "test": "test"}
 IDX_REF = "#"  # an IDX image's path is "<images file>#<index>"
+# What the listing leaves out, and so does not count as an input, by why (Source.skipped):
+# hidden files (`.DS_Store`, macOS's `._photo.jpg`), the files below hidden folders
+# (`.ipynb_checkpoints/`, `.git/`), and in an IDX folder the files that are neither IDX images,
+# their labels nor classes.txt.
+SKIPPED = ("hidden", "in_hidden_folders", "other_files")
 log = logging.getLogger(__name__)
 
 
@@ -92,11 +97,13 @@ class Source:
         self.labels_csv = labels_csv
         self.layout = detect_layout(self.root, labels_csv) if layout == "auto" else layout
         self._tmp: str | None = None
+        self.skipped = dict.fromkeys(SKIPPED, 0)  # what records() left out, by why (SKIPPED)
         self._idx: dict[str, np.ndarray] = {}  # images file name -> memmap [n, h, w]
 
     # -- listing -----------------------------------------------------------------------------
 
     def records(self) -> Iterator[Record]:
+        self.skipped = dict.fromkeys(SKIPPED, 0)
         if self.layout == "folders":
             yield from self._folder_records()
         elif self.layout == "csv":
@@ -113,11 +120,22 @@ class Source:
         millions of files. Links are not followed: a link is listed as a file and `_record` checks
         where it points (a link to a folder is then one input with a reason, instead of vanishing).
         """
-        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = sorted(self._visible(os.scandir(folder)), key=lambda e: e.name)
         folders = [e for e in entries if e.is_dir(follow_symlinks=False)]
         yield from (e for e in entries if not e.is_dir(follow_symlinks=False))
         for sub in folders:
             yield from self._files(sub.path)
+
+    def _visible(self, entries: Iterable[os.DirEntry | Path]) -> Iterator[os.DirEntry | Path]:
+        """The entries whose names do not start with a dot; the others are counted in `skipped`."""
+        for entry in entries:
+            if not entry.name.startswith("."):
+                yield entry
+            elif os.path.isdir(entry) and not os.path.islink(entry):
+                # walked only to be counted: without links, as the listing does
+                self.skipped["in_hidden_folders"] += sum(len(files) for _, _, files in os.walk(entry))
+            else:
+                self.skipped["hidden"] += 1
 
     def _relative(self, entry: os.DirEntry | Path) -> str:
         path = os.fspath(entry)
@@ -148,14 +166,14 @@ class Source:
         return Record(relative, label, split, problem)
 
     def _folder_records(self) -> Iterator[Record]:
-        top = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+        top = sorted(self._visible(self.root.iterdir()))
         split_layout = bool(top) and all(p.is_dir() and p.name.lower() in SPLIT_FOLDERS for p in top)
         for entry in top:
             if not _real_folder(entry):  # a file outside any class folder has no label; or a link
                 yield self._record(entry, "", "")
             elif split_layout:
                 split = SPLIT_FOLDERS[entry.name.lower()]
-                for class_dir in sorted(p for p in entry.iterdir() if not p.name.startswith(".")):
+                for class_dir in sorted(self._visible(entry.iterdir())):
                     if _real_folder(class_dir):
                         yield from self._class_records(class_dir, split)
                     else:
@@ -172,36 +190,46 @@ class Source:
             log.warning("%s/ holds no files, so there is no class %r from it", self._relative(folder), folder.name)
 
     def _csv_records(self) -> Iterator[Record]:
-        labels = read_labels_csv(self.root, self.labels_csv)
+        labels, problems = _labels_rows(self.root, self.labels_csv)
         csv_file = self._relative(self.root / self.labels_csv)
         files = {rel: f for f in self._files(self.root) if (rel := self._relative(f)) != csv_file}
         by_stem: dict[str, list[str]] = {}
         for rel in files:
             by_stem.setdefault(Path(rel).stem, []).append(rel)
-        resolved: dict[str, str] = {}
+        folded: dict[str, str] | None = None  # a name's letters folded -> a file, built on the first miss
+        resolved: dict[str, tuple[str, int]] = {}
         for line, (key, label) in labels.items():
             rel = self._relative(self.root / key)
             if rel not in files:
                 matches = by_stem.get(key, [])
                 if len(matches) > 1:
-                    names = ", ".join(matches[:3])
-                    raise SourceError(f"{self.labels_csv} line {line}: id {key!r} matches several files ({names})")
+                    problems.append((line, f"id {key!r} matches several files ({', '.join(matches[:3])})"))
+                    continue
                 if not matches:
-                    raise SourceError(f"{self.labels_csv} line {line}: {key!r} names no file in {self.root}")
+                    if folded is None:
+                        folded = {name.casefold(): name for name in [*files, *by_stem]}
+                    near = folded.get(rel.casefold()) or folded.get(key.casefold())
+                    hint = f" (there is {near!r}: the letter case differs)" if near else ""
+                    problems.append((line, f"{key!r} names no file in {self.root}{hint}"))
+                    continue
                 rel = matches[0]
-            if rel in resolved and resolved[rel] != label:
-                raise SourceError(
-                    f"{self.labels_csv} line {line}: {rel!r} is labelled {label!r} here and {resolved[rel]!r} earlier"
-                )
-            resolved[rel] = label
+            if rel in resolved and resolved[rel][0] != label:
+                problems.append((line, f"{rel!r} is labelled {label!r} here and {resolved[rel][0]!r} on line "
+                                       f"{resolved[rel][1]}"))
+                continue
+            resolved.setdefault(rel, (label, line))
+        if problems:
+            raise bad_rows(self.root / self.labels_csv, problems)
         for rel, f in files.items():  # files the CSV does not name are inputs too: listed without a label
-            yield self._record(f, resolved.get(rel, ""), "")
+            yield self._record(f, resolved.get(rel, ("",))[0], "")
 
     def _idx_records(self) -> Iterator[Record]:
         names = _class_names(self.root)
+        used = {"classes.txt"}
         for images_file in sorted(p for p in self.root.iterdir() if IDX_IMAGES.match(p.name)):
             m = IDX_IMAGES.match(images_file.name)
             labels_file = self._labels_file_for(m.group("prefix"))
+            used |= {images_file.name, labels_file.name}
             labels = _read_idx(labels_file, expected_dims=1)
             count = self._images(images_file.name).shape[0]
             if len(labels) != count:
@@ -210,6 +238,7 @@ class Source:
             for i, value in enumerate(labels):
                 label = names[value] if names and value < len(names) else str(int(value))
                 yield Record(f"{images_file.name}{IDX_REF}{i}", label, split)
+        self.skipped["other_files"] = sum(p.name not in used for p in self._visible(self.root.iterdir()))
 
     def _labels_file_for(self, prefix: str) -> Path:
         for name in (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"):
@@ -310,8 +339,34 @@ def _open_regular(root: str | Path, path: str) -> tuple[int, int]:
     return fd, info.st_size
 
 
+# bad rows of a labels file shown in the error; the rest are counted
+BAD_ROWS_SHOWN = 20
+
+
+def bad_rows(path: Path, problems: list[tuple[int, str]]) -> SourceError:
+    """One error for every bad row of the labels file `path` (line, reason): fixing one row a run
+    would take as many runs as there are bad rows."""
+    problems = sorted(problems)
+    count = len(problems)
+    lines = [f"{path}: {count} bad row{'s' if count > 1 else ''} (expected `<file or id>,<label>` "
+             f"naming a file in the source folder):"]
+    lines += [f"  line {line}: {reason}" for line, reason in problems[:BAD_ROWS_SHOWN]]
+    if count > BAD_ROWS_SHOWN:
+        lines.append(f"  ... and {count - BAD_ROWS_SHOWN} more bad rows")
+    return SourceError("\n".join(lines))
+
+
 def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:
-    """Rows of the labels CSV as {line number: (file or id, label)}; errors name the line."""
+    """Rows of the labels CSV as {line number: (file or id, label)}; one error names every bad line."""
+    rows, problems = _labels_rows(root, name)
+    if problems:
+        raise bad_rows(root / name, problems)
+    return rows
+
+
+def _labels_rows(root: Path, name: str) -> tuple[dict[int, tuple[str, str]], list[tuple[int, str]]]:
+    """The good rows of the labels CSV ({line number: (file or id, label)}) and the bad ones
+    ((line number, reason)); an error for a file that cannot be read as text at all."""
     path = root / name
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -323,27 +378,32 @@ def read_labels_csv(root: Path, name: str) -> dict[int, tuple[str, str]]:
     if not rows:
         raise SourceError(f"{path}: empty labels file (expected a header, then `<file or id>,<label>` rows)")
     out: dict[int, tuple[str, str]] = {}
+    problems: list[tuple[int, str]] = []
     seen: dict[str, tuple[int, str]] = {}
     root_resolved = root.resolve()
     for line, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise SourceError(f"{path} line {line}: expected `<file or id>,<label>`, got {','.join(row)!r}")
+            got = ",".join(row)
+            # a spreadsheet saved with another separator: say which, the usual cause
+            other = next((sep for sep in (";", "\t", "|") if len(row) == 1 and sep in got), None)
+            hint = f" (separated by {other!r}: the separator is a comma)" if other else ""
+            problems.append((line, f"expected `<file or id>,<label>`, got {got!r}{hint}"))
+            continue
         key, label = row[0].strip(), row[1].strip()
         # realpath: Path.resolve raises on a loop of links (Python 3.11); the listing reports those
         if Path(key).is_absolute() or not Path(os.path.realpath(root / key)).is_relative_to(root_resolved):
-            raise SourceError(f"{path} line {line}: {key!r} points outside the source folder")
+            problems.append((line, f"{key!r} points outside the source folder"))
+            continue
         if key in seen:
             first_line, first_label = seen[key]
             if first_label != label:
-                raise SourceError(
-                    f"{path} line {line}: {key!r} labelled {label!r}, but line {first_line} labels it {first_label!r}"
-                )
+                problems.append((line, f"{key!r} labelled {label!r}, but line {first_line} labels it {first_label!r}"))
             continue  # the same row twice says nothing new
         seen[key] = (line, label)
         out[line] = (key, label)
-    return out
+    return out, problems
 
 
 def _class_names(root: Path) -> list[str]:

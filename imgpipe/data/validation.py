@@ -40,7 +40,7 @@ class Triage:
     decisions: pd.DataFrame  # per manifest row: rule, reason, detail (rule NaN = accepted)
     accepted: pd.DataFrame  # the accepted manifest rows + `group`, manifest order
     quarantine: pd.DataFrame  # path, rule, reason, detail of the others, manifest order
-    classes: pd.DataFrame  # label, accepted, imbalance: one row per known class
+    classes: pd.DataFrame  # label, accepted, imbalance, same_name_as: one row per known class
     groups: pd.DataFrame  # one row per near-duplicate group of two or more accepted images
 
 
@@ -157,12 +157,44 @@ def near_duplicate_groups(accepted: pd.DataFrame) -> pd.DataFrame:
 
 
 def class_counts(accepted: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """One row per known class: its accepted images (0 when all were quarantined) and `imbalance`,
-    the largest class's count over this one's (missing for an empty class)."""
+    """One row per known class: its accepted images (0 when all were quarantined), `imbalance`,
+    the largest class's count over this one's (missing for an empty class), and `same_name_as`
+    (see same_name_as)."""
     counts = accepted["label"].value_counts().reindex(labels, fill_value=0).to_numpy(dtype="int64")
     largest = counts.max() if len(counts) else 0
     imbalance = (largest / pd.Series(counts, dtype="float64")).where(counts > 0).round(3)
-    return pd.DataFrame({"label": labels, "accepted": counts, "imbalance": imbalance.to_numpy()})
+    return pd.DataFrame({"label": labels, "accepted": counts, "imbalance": imbalance.to_numpy(),
+                         "same_name_as": same_name_as(labels, counts)})
+
+
+def same_name_as(labels: list[str], counts) -> list[str | None]:
+    """Per class, the other classes whose names are the same but for letter case and surrounding
+    spaces, with their accepted images ("'Cat' (3 images)"); None (missing) when there is none.
+
+    `cats/` and `Cats/`, or `cat` and `Cat ` in a labels file, are almost always one class typed
+    two ways: trained as two, they split its images and confuse the model. Only a person can
+    say, so it is a warning, named here.
+    """
+    by_name: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_name.setdefault(label.strip().casefold(), []).append(i)
+    out: list[str | None] = [None] * len(labels)
+    for members in by_name.values():
+        if len(members) > 1:
+            for i in members:
+                out[i] = ", ".join(f"'{labels[j]}' ({counts[j]} image{'' if counts[j] == 1 else 's'})"
+                                   for j in members if j != i)
+    return out
+
+
+def lookalike_classes(classes: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """The groups of classes named alike (see same_name_as), by the name they share (folded to
+    lower case, stripped): {class: accepted images}. A dict, not a list: DVC's metrics commands
+    show and compare nested numbers, not lists."""
+    by_name: dict[str, dict[str, int]] = {}
+    for label, count in zip(classes["label"], classes["accepted"]):
+        by_name.setdefault(label.strip().casefold(), {})[str(label)] = int(count)
+    return {name: group for name, group in sorted(by_name.items()) if len(group) > 1}
 
 
 def imbalance_ratio(classes: pd.DataFrame) -> float | None:
@@ -172,8 +204,12 @@ def imbalance_ratio(classes: pd.DataFrame) -> float | None:
     return round(float(classes["accepted"].max() / classes["accepted"].min()), 3)
 
 
-def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str) -> dict:
-    """summary.json: counts and expectation results, nothing that changes between runs."""
+def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str,
+              skipped: dict[str, int] | None = None) -> dict:
+    """summary.json: counts and expectation results, nothing that changes between runs.
+
+    `skipped`: the files ingest's listing left out, by why (not inputs: they have no manifest
+    row); None when unknown."""
     inputs, ingested, quarantined = len(result.decisions), len(result.accepted), len(result.quarantine)
     # every input is accounted for: accepted or quarantined, never both, never neither
     assert inputs == ingested + quarantined, (inputs, ingested, quarantined)
@@ -185,8 +221,10 @@ def summarise(result: Triage, outcomes: list[expectations.Outcome], report: str)
         "ingested": ingested,
         "quarantined": quarantined,
         "quarantined_fraction": round(quarantined / inputs, 6),
+        "skipped": skipped,
         "classes": {str(k): int(v) for k, v in zip(result.classes["label"], result.classes["accepted"])},
         "imbalance_ratio": imbalance_ratio(result.classes),
+        "classes_named_alike": lookalike_classes(result.classes),
         "quarantine_reasons": {str(k): int(v) for k, v in reasons.items()},
         "near_duplicates": {
             "groups": len(groups),

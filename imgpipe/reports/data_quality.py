@@ -42,6 +42,7 @@ def write(result, summary: dict, rules: Validate, source: Source | None, folder:
     class_histogram(result.classes, rules.min_images_per_class, Path(folder) / HISTOGRAM)
     parts = [
         _headline(summary),
+        _warnings(summary),
         _checks(summary),
         _classes(result.classes, summary, rules),
         _quarantined(result.quarantine, summary),
@@ -60,7 +61,34 @@ def _headline(summary: dict) -> str:
             f"**{summary['inputs']}** inputs: **{summary['ingested']}** accepted, **{summary['quarantined']}** "
             f"quarantined ({summary['quarantined_fraction']:.1%}). Every input is in exactly one of "
             f"`accepted.csv` and `quarantine.csv`; no file is moved or deleted.\n\n"
+            f"{_skipped(summary['skipped'])}\n\n"
             f"Full report, with every expectation and its offending rows: [Data Docs](site/index.html).")
+
+
+# why a file was skipped, in words (imgpipe/data/sources.py, SKIPPED)
+SKIPPED_WHY = {"hidden": "hidden (a name starting with a dot: `.DS_Store`, macOS's `._photo.jpg`)",
+               "in_hidden_folders": "in hidden folders (`.ipynb_checkpoints/`, `.git/`...)",
+               "other_files": "in the IDX folder but neither IDX images, their labels nor `classes.txt`"}
+
+
+def _skipped(skipped: dict | None) -> str:
+    """The line that says which files are not inputs at all."""
+    if skipped is None:
+        return "Files skipped by ingest: not known (no `<manifest>.skipped.json` beside the manifest)."
+    parts = [f"{n} {SKIPPED_WHY.get(why, why)}" for why, n in skipped.items() if n]
+    if not parts:
+        return "No file was skipped: every file in the source folder is an input."
+    return f"Skipped, not inputs: **{sum(skipped.values())}** files: " + "; ".join(parts) + "."
+
+
+def _warnings(summary: dict) -> str:
+    """What may be wrong with the data set as a whole, in words: look-alike class names."""
+    lines = []
+    for group in summary["classes_named_alike"].values():
+        names = ", ".join(f"`{_cell(label)}` ({count})" for label, count in group.items())
+        lines.append(f"- Classes named alike, the same but for letter case or surrounding spaces: {names} "
+                     f"accepted images. Most likely one class: rename the folders or the labels to one name.")
+    return "## Warnings\n\n" + ("\n".join(lines) if lines else "None.")
 
 
 def _checks(summary: dict) -> str:

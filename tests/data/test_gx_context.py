@@ -58,7 +58,7 @@ def test_a_run_in_a_folder_without_gx_stores_the_suites_checkpoints_and_results(
                           ("near_duplicate_groups", "path"), ("class_counts", "label")]}
     assert stored["results"] == SUITES
     results = [context.validation_results_store.get(k) for k in context.validation_results_store.list_keys()]
-    assert all(r.success for r in results) and sum(len(r.results) for r in results) == 16
+    assert all(r.success for r in results) and sum(len(r.results) for r in results) == 17
     # run state only: suites, definitions, checkpoints and results all sit under gx/uncommitted/
     assert sorted(p.name for p in (tmp_path / "gx").iterdir()) == [".gitignore", "great_expectations.yml",
                                                                     "uncommitted"]
@@ -72,7 +72,7 @@ def test_a_changed_threshold_updates_the_stored_suite(tmp_path, monkeypatch):
     run_validate(tmp_path, CLEAN, min_images_per_class=3)
     suite = gx.get_context(mode="file", project_root_dir=tmp_path).suites.get("class_counts")
     assert suite.expectations[0].min_value == 3
-    assert len(suite.expectations) == 2  # replaced, not added to
+    assert len(suite.expectations) == 3  # replaced, not added to
 
 
 def test_only_the_latest_runs_results_are_kept(tmp_path, monkeypatch):

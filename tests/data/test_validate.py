@@ -208,7 +208,7 @@ def test_class_imbalance_is_the_largest_class_over_each(tmp_path):
     result = triage(tmp_path, [*good("cat", 6, 0), *good("dog", 2, 100), row(200, "eel", width="1")])
     classes = result.classes.astype(object).where(result.classes.notna(), None)
     assert classes.to_dict("list") == {"label": ["cat", "dog", "eel"], "accepted": [6, 2, 0],
-                                       "imbalance": [1.0, 3.0, None]}
+                                       "imbalance": [1.0, 3.0, None], "same_name_as": [None, None, None]}
     assert validation.imbalance_ratio(result.classes) is None  # an empty class: no ratio
     assert validation.imbalance_ratio(result.classes.iloc[:2]) == 3.0
 
@@ -265,7 +265,7 @@ def test_clean_run_writes_every_output(tmp_path):
                                           "groups_across_source_splits": 0}
     assert summary["success"] is True
     results = summary["expectations"]["results"]
-    assert summary["expectations"] == {"passed": 16, "failed": 0, "results": results}
+    assert summary["expectations"] == {"passed": 17, "failed": 0, "results": results}
     assert [(r["table"], r["expectation"], r["column"], r["critical"]) for r in results] == [
         ("image_manifest", "expect_column_values_to_be_null", "quarantine_reason", True),
         ("image_manifest", "expect_column_values_to_be_null", "error", False),
@@ -283,7 +283,10 @@ def test_clean_run_writes_every_output(tmp_path):
         ("near_duplicate_groups", "expect_column_values_to_be_between", "source_splits", False),
         ("class_counts", "expect_column_values_to_be_between", "accepted", True),
         ("class_counts", "expect_column_values_to_be_between", "imbalance", False),
+        ("class_counts", "expect_column_values_to_be_null", "same_name_as", False),
     ]
+    assert summary["classes_named_alike"] == {}
+    assert summary["skipped"] is None  # no ingest ran: no count of skipped files beside the manifest
     assert [(r["element_count"], r["unexpected_count"]) for r in results[:3]] == [(21, 1), (21, 1), (20, 0)]
 
     assert quarantine.to_dict("records") == [
@@ -300,6 +303,41 @@ def test_clean_run_writes_every_output(tmp_path):
     assert page.startswith("# Data quality: passed\n\n**21** inputs: **20** accepted, **1** quarantined (4.8%).")
     assert (tmp_path / "dq" / "summary_files" / "classes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in (tmp_path / "dq").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_class_names_alike_are_a_warning_naming_them(tmp_path):
+    """`cat`, `Cat` and `cat ` (a folder's trailing space) are three classes to the data: most likely one."""
+    rows = [*good("cat", 4, 0), *good("Cat", 2, 100), *good("cat ", 1, 200), *good("dog", 3, 300)]
+    assert run_validate(tmp_path, rows, min_images_per_class=1, max_imbalance_ratio=10) is None  # only a warning
+    summary, _ = outputs(tmp_path)
+    assert summary["success"] is True
+    assert summary["classes_named_alike"] == {"cat": {"Cat": 2, "cat": 4, "cat ": 1}}
+    [alike] = [r for r in summary["expectations"]["results"] if r["column"] == "same_name_as"]
+    assert (alike["table"], alike["critical"], alike["success"], alike["unexpected_count"], alike["element_count"]) \
+        == ("class_counts", False, False, 3, 4)
+    result = triage(tmp_path, rows)
+    assert dict(zip(result.classes["label"], result.classes["same_name_as"].fillna("-"))) == {
+        "Cat": "'cat' (4 images), 'cat ' (1 image)", "cat": "'Cat' (2 images), 'cat ' (1 image)",
+        "cat ": "'Cat' (2 images), 'cat' (4 images)", "dog": "-"}
+    page = (tmp_path / "dq" / "summary.md").read_text()
+    assert ("## Warnings\n\n- Classes named alike, the same but for letter case or surrounding spaces: "
+            "`Cat` (2), `cat` (4), `cat ` (1) accepted images. Most likely one class: rename the folders or "
+            "the labels to one name.\n") in page
+    assert "| warning | No two class names differ only in letter case or surrounding spaces" in page
+
+
+def test_the_files_ingest_skipped_are_in_the_summary(tmp_path):
+    (tmp_path / "manifest.csv.skipped.json").write_text('{"hidden": 4, "in_hidden_folders": 0, "other_files": 0}')
+    assert run_validate(tmp_path, CLEAN) is None
+    summary, _ = outputs(tmp_path)
+    assert summary["skipped"] == {"hidden": 4, "in_hidden_folders": 0, "other_files": 0}
+    assert summary["inputs"] == 21  # skipped files are not inputs
+    page = (tmp_path / "dq" / "summary.md").read_text()
+    assert ("Skipped, not inputs: **4** files: 4 hidden (a name starting with a dot: `.DS_Store`, macOS's "
+            "`._photo.jpg`).\n") in page
+    (tmp_path / "manifest.csv.skipped.json").write_text('{"hidden": 0, "in_hidden_folders": 0, "other_files": 0}')
+    run_validate(tmp_path, CLEAN)
+    assert "No file was skipped: every file in the source folder is an input.\n" in (tmp_path / "dq" / "summary.md").read_text()
 
 
 def test_same_inputs_give_the_same_bytes(tmp_path):

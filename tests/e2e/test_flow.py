@@ -264,6 +264,9 @@ def make_pipeline_repo(path: Path) -> Path:
     (path / "gx").mkdir()  # the validate stage's GX project (a dependency in dvc.yaml)
     for name in ("great_expectations.yml", ".gitignore"):
         shutil.copy(PROJECT / "gx" / name, path / "gx" / name)
+    (path / "web").mkdir()  # the pinned Data Docs assets (a dependency of validate in dvc.yaml)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy(PROJECT / "web" / name, path / "web" / name)
     for label in ("daisy", "rose", "tulip"):
         (path / "photos" / label).mkdir(parents=True)
         for photo in sorted((FLOWERS / label).iterdir())[:PHOTOS_PER_CLASS]:

@@ -14,8 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+
+from imgpipe.core.params import Paths
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +28,7 @@ FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 PROJECT_FILES = ["stages", "imgpipe", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
                  ".gitignore", "data/.gitkeep", "models/.gitkeep", "reports/.gitkeep",
-                 "gx/great_expectations.yml", "gx/.gitignore"]
+                 "gx/great_expectations.yml", "gx/.gitignore", "web/package.json", "web/package-lock.json"]
 CLASSES = {"daisy": 40, "rose": 30, "tulip": 36}  # small, real and imbalanced
 
 # small and fast, but every stage does its real work
@@ -173,6 +176,37 @@ def test_dvc_status_sees_a_change_to_the_raw_images(repo, env):
     assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["ingest", "validate", "split"]
 
 
+def test_new_raw_images_never_move_an_assigned_image(repo, env):
+    """The nightly promise: images added to the raw folder are assigned, and no image assigned
+    before changes `assigned` (split's state, a persist output, carries it from run to run)."""
+    clone, _ = repo
+    paths = Paths()
+
+    def table() -> pd.DataFrame:
+        return pd.read_csv(clone / paths.split, dtype=str, keep_default_na=False).set_index("id")
+
+    before = table()
+    raw = clone / "data" / "raw" / "flowers-small"
+    for cls, n in CLASSES.items():  # 5 new photos a class, never used by the other tests
+        for f in sorted((FLOWERS / cls).glob("*.jpg"))[n + 10:n + 15]:
+            shutil.copy(f, raw / cls / f.name)
+    dvc(clone, env, "add", "-q", "data/raw/flowers-small")
+    assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["ingest", "validate", "split"]
+    after = table()
+    assert len(after.index.difference(before.index)) == 5 * len(CLASSES)
+    assert (after.loc[before.index, "assigned"] == before["assigned"]).all()
+    assert ((after["split"] == after["assigned"]) | (after["split"] == "unused")).all()
+    state = (clone / paths.split_state).read_text().splitlines()
+    assert state[0].startswith("# imgpipe split state, made with") and state[1] == "id,assigned"
+    assert {line.split(",")[0] for line in state[2:]} == set(after.index)
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["split"]
+    assert {o["path"] for o in lock["outs"]} == {paths.split, paths.split_state}
+    # the documented reset: delete the state, and DVC runs split again (not restored from its run-cache)
+    (clone / paths.split_state).unlink()
+    assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["split"]
+    assert (clone / paths.split_state).is_file()
+
+
 def test_same_inputs_and_params_give_the_same_bytes(repo, env, tmp_path):
     """A second, independent clone reproduces manifest, split and shards byte for byte."""
     clone, _ = repo
@@ -188,7 +222,8 @@ def test_same_inputs_and_params_give_the_same_bytes(repo, env, tmp_path):
         return {o["path"]: o["md5"] for name in ("ingest", "split", "preprocess") for o in lock[name]["outs"]}
 
     assert hashes(other) == hashes(again)
-    assert len(hashes(other)) == 3
+    paths = Paths()
+    assert {paths.manifest, paths.split, paths.split_state, paths.shards} <= set(hashes(other))
 
 
 def test_bad_params_and_missing_source_are_clear_errors(repo, env, tmp_path):

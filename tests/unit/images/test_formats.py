@@ -1,6 +1,7 @@
 """What an image file is, from its bytes: the header sizes that stop a decompression bomb."""
 
 import io
+import os
 
 import cv2
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 
 from imgpipe.images import facts
 from imgpipe.images import formats
-from tests.data.test_ingest import bomb_png, photo
+from tests.data.test_ingest import bomb_png, extraneous_jpeg, flipped_jpeg, photo
 
 # (PIL format, options): every format header_size reads, in the variants its header differs by
 VARIANTS = [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("GIF", {}), ("BMP", {}),
@@ -155,3 +156,21 @@ def test_heif_is_named_and_the_reason_says_what_to_do():
     assert formats.detect_format(heic) == "heif"
     assert formats.look(heic, 100_000_000, 256).error == (
         "cannot decode heif (HEIC): no HEIF decoder in this OpenCV, or a damaged file; convert it to JPEG or PNG")
+
+
+def test_decoder_warnings_are_tied_to_the_image_and_the_rest_of_stderr_passes(capfd):
+    """libjpeg prints "Corrupt JPEG data" on fd 2 and decodes anyway: caught per decode, it refuses the JPEG."""
+    good = photo(0).read_bytes()
+    with formats.DecoderMessages() as messages:
+        results = [formats.look(data, None, 256).error
+                   for data in (good, flipped_jpeg(good), good, extraneous_jpeg(good), good[:1500] + b"\xff\xd9")]
+        decoded = formats.decode(flipped_jpeg(good))
+        os.write(2, b"not the decoder's\n")  # printed meanwhile, by something else: passed on
+    assert results == ["", "corrupt JPEG data: premature end of data segment", "",
+                       "corrupt JPEG data: 3 extraneous bytes before marker 0xda",
+                       "corrupt JPEG data: premature end of data segment"]  # cut, an end marker put back
+    assert decoded == (None, "corrupt JPEG data: premature end of data segment") and messages.notes == []
+    assert capfd.readouterr().err == "not the decoder's\n"
+    # outside the context nothing is caught: the decoder's own behaviour, garbled pixels and a warning
+    assert formats.look(flipped_jpeg(good), None, 256).error == ""
+    assert "Corrupt JPEG data: premature end of data segment" in capfd.readouterr().err
