@@ -33,16 +33,27 @@ def task_runner(workers: int = LOCAL_CLUSTER["n_workers"], address: str | None =
     return DaskTaskRunner(cluster_kwargs={**LOCAL_CLUSTER, "n_workers": workers})
 
 
+def worker_address() -> str | None:
+    """The address of the Dask worker running the caller, or None outside a Dask worker."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:
+        return None
+
+
 @task(cache_policy=NO_CACHE)
 def shard_statistics(folder: str, split: str, file: str) -> dict:
-    """Statistics of one shard file of `split`."""
-    return stats.shard_statistics(folder, split, file)
+    """Statistics of one shard file of `split`, and the Dask worker that computed them."""
+    return {**stats.shard_statistics(folder, split, file), "worker": worker_address()}
 
 
 @flow(name="shard-statistics", task_runner=task_runner())
 def shard_stats(folder: str) -> dict[str, dict]:
-    """Per split of the shard folder: shards, records, records per class and pixel mean, one task
-    run per shard. Raises ShardsMismatch when the shards disagree with their meta.json."""
+    """Per split of the shard folder: shards, records, records per class, pixel mean and the Dask
+    workers that read them, one task run per shard. Raises ShardsMismatch when the shards
+    disagree with their meta.json."""
     folder = str(Path(folder).resolve())
     meta = shards.read_meta(folder)
     work = stats.shard_files(meta)

@@ -67,19 +67,23 @@ def shard_statistics(folder: str | Path, split: str, file: str) -> dict:
 
 
 def split_summary(parts: list[dict], classes: list[str]) -> dict[str, dict]:
-    """Per split, from per-shard statistics: shards, records, per-class records, pixel mean."""
+    """Per split, from per-shard statistics: shards, records, per-class records, pixel mean, and
+    the addresses of the Dask workers that computed the parts (a part's `worker`, when recorded)."""
     totals: dict[str, dict] = {}
     shard_counts: dict[str, int] = {}
+    workers: dict[str, set] = {}
     for part in parts:
         split = part["split"]
         totals[split] = add_statistics(totals.get(split, empty_statistics(len(classes))), part)
         shard_counts[split] = shard_counts.get(split, 0) + 1
+        workers.setdefault(split, set()).update([part["worker"]] if part.get("worker") else [])
     return {
         split: {
             "shards": shard_counts[split],
             "records": total["records"],
             "per_class": dict(zip(classes, total["class_counts"], strict=True)),
             "pixel_mean": total["pixel_sum"] / total["pixels"] if total["pixels"] else None,
+            "workers": sorted(workers[split]),
         }
         for split, total in totals.items()
     }

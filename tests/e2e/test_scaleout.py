@@ -1,20 +1,28 @@
 """The per-shard flow on a local Dask cluster (two worker processes), against a real Prefect server.
 
 The test writes real TFRecord shards with the project's ShardWriter, then compares the flow's
-figures with a direct, single-process read of the same shards.
+figures with a direct, single-process read of the same shards, and the Dask workers each task
+recorded with the workers of the cluster it started.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from flows.scaleout import shard_stats
+from flows.scaleout import LOCAL_CLUSTER, shard_stats, task_runner
 from imgpipe.model import shards
-from imgpipe.model.shard_stats import ShardsMismatch, checked_summary, mismatches, split_summary
+from imgpipe.model.shard_stats import (
+    ShardsMismatch,
+    checked_summary,
+    mismatches,
+    split_summary,
+)
 from tests.e2e.helpers import eventually
 
 CLASSES = ["cat", "dog", "fox"]
@@ -64,9 +72,17 @@ def test_maps_one_task_per_shard_on_dask_and_matches_a_direct_read(prefect_api, 
     meta = write_shards(tmp_path)
     assert [len(meta["files"][split]) for split in SPLITS] == [3, 1]
 
-    state = shard_stats(str(tmp_path), return_state=True)
+    # the flow's cluster settings, started here so that the test can ask the cluster who its workers are
+    with LocalCluster(**LOCAL_CLUSTER) as cluster, Client(cluster) as dask:
+        worker_pids = dask.run(os.getpid)  # {worker address: its process id}
+        flow = shard_stats.with_options(task_runner=task_runner(address=cluster.scheduler_address))
+        state = flow(str(tmp_path), return_state=True)
+        summary = state.result()
 
-    summary = state.result()
+    # every shard was read in one of the cluster's worker processes, none in the flow's (this one)
+    assert len(worker_pids) == 2 and os.getpid() not in worker_pids.values()
+    workers = [address for split in SPLITS for address in summary[split]["workers"]]
+    assert workers and set(workers) <= set(worker_pids), (workers, worker_pids)
     expected = direct_summary(tmp_path)
     assert {split: summary[split]["shards"] for split in SPLITS} == {"train": 3, "test": 1}
     for split in SPLITS:
@@ -94,9 +110,13 @@ def test_split_summary_adds_up_shards_per_split():
              part("test", 1, [1, 0], 0.0, 4)]
 
     assert split_summary(parts, ["a", "b"]) == {
-        "train": {"shards": 2, "records": 3, "per_class": {"a": 1, "b": 2}, "pixel_mean": 4.0 / 12},
-        "test": {"shards": 1, "records": 1, "per_class": {"a": 1, "b": 0}, "pixel_mean": 0.0},
+        "train": {"shards": 2, "records": 3, "per_class": {"a": 1, "b": 2}, "pixel_mean": 4.0 / 12, "workers": []},
+        "test": {"shards": 1, "records": 1, "per_class": {"a": 1, "b": 0}, "pixel_mean": 0.0, "workers": []},
     }
+    # the Dask workers that computed the parts, each once, sorted
+    on_workers = [{**p, "worker": w} for p, w in zip(parts, ["tcp://b:2", "tcp://a:1", "tcp://b:2"])]
+    assert {split: s["workers"] for split, s in split_summary(on_workers, ["a", "b"]).items()} == {
+        "train": ["tcp://a:1", "tcp://b:2"], "test": ["tcp://b:2"]}
 
 
 def test_mismatches_name_the_split_and_class_that_disagree_with_meta():
