@@ -1,7 +1,8 @@
 """Prefect artifacts from the pipeline's own reports, for the runs page of the Prefect UI.
 
 After `validate`: a markdown artifact, validate's own summary.md (reports/data_quality.py), with
-its pictures inlined and its links made absolute. After `evaluate`: a table artifact of the
+its pictures inlined and its links made absolute; its description names the full HTML page,
+index.html beside it. After `evaluate`: a table artifact of the
 per-class test metrics, with the overall figures, the gate's verdict and where the evaluation
 report is in its description. Both are keyed, so the UI also shows each one's history.
 
@@ -98,16 +99,23 @@ def _read(path: Path) -> str | None:
 
 def publish_data_quality(repo: str) -> UUID | None:
     """The data-quality artifact of the repository at `repo`: validate's summary.md, if written."""
-    # imported here: the report module pulls in OpenCV and matplotlib, for one name
-    from imgpipe.reports.data_quality import PAGE
+    # imported here: the report module pulls in OpenCV and matplotlib, for two names
+    from imgpipe.reports.data_quality import HTML_PAGE, PAGE
 
     page = Path(repo) / load_params(Path(repo) / "params.yaml").paths.data_quality / PAGE
     text = _read(page)
     if text is None:
         return None
     return create_markdown_artifact(
-        summary_for_prefect(text, page.parent), key=DATA_QUALITY_KEY, description=f"validate: data-quality summary, from {page.resolve()}"
+        summary_for_prefect(text, page.parent), key=DATA_QUALITY_KEY,
+        description=data_quality_description(page.resolve(), (page.parent / HTML_PAGE).resolve()),
     )
+
+
+def data_quality_description(summary: Path, full_page: Path) -> str:
+    """Where the markdown shown comes from, and the full page (every quarantined file, every group)
+    to open in a browser from the machine that ran the flow."""
+    return f"validate: data-quality summary, from {summary}; the full page: {full_page}"
 
 
 def publish_metrics(repo: str) -> UUID | None:

@@ -2,7 +2,7 @@
 by the Great Expectations suites (imgpipe/data/expectations.py), which gate the pipeline, and reported.
 
 A quarantined file is never moved or deleted. The Data Docs site is the detailed report, and
-summary.md the one page a reviewer reads first.
+summary.md and index.html the pages a reviewer reads first.
 
 Outputs (paths from params.yaml):
     paths.accepted                      the accepted list (imgpipe/data/manifest.py), manifest order
@@ -11,6 +11,8 @@ Outputs (paths from params.yaml):
     <data_quality>/summary.json         counts (with the files ingest skipped, from `<manifest>.skipped.json`)
                                         and expectation results (a DVC metric)
     <data_quality>/summary.md           the one-page summary; its pictures in summary_files/
+    <data_quality>/index.html           the full page a reviewer opens first (self-contained HTML, its
+                                        pictures in summary_files/ too)
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from imgpipe.reports import data_quality as quality_report
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
 SECTIONS = ("validate", "paths", "ingest")
+# the outputs in <paths.data_quality>/, as the pages link to them
+SITE, QUARANTINE, SUMMARY = "site/index.html", "quarantine.csv", "summary.json"
 log = logging.getLogger(__name__)
 
 
 def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
     dq = Path(paths.data_quality)
-    report, quarantine = str(dq / "site" / "index.html"), str(dq / "quarantine.csv")
+    report, quarantine = str(dq / SITE), str(dq / QUARANTINE)
     manifest = read_manifest(paths.manifest)
     log.info("checking %d manifest rows", len(manifest))
 
@@ -50,7 +54,7 @@ def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
 
     tables = expectations.tables(manifest.assign(quarantine_reason=result.decisions["rule"]),
                                  result.accepted, result.groups, result.classes)
-    with atomic_write.atomic_dir(dq / "site") as site:
+    with atomic_write.atomic_dir(dq / Path(SITE).parent) as site:
         outcomes = expectations.check(tables, expectations.suites(rules, labels), site)
     log.info("great expectations: %d of %d expectations passed; report: %s",
              sum(o.success for o in outcomes), len(outcomes), report)
@@ -59,7 +63,7 @@ def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
     atomic_write.write_csv(paths.accepted, result.accepted)
     atomic_write.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
     summary = summarise(result, outcomes, report, read_skipped(paths.manifest))
-    atomic_write.write_json(dq / "summary.json", summary)
+    atomic_write.write_json(dq / SUMMARY, summary)
     write_summary_page(rules, ingest, result, summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
@@ -81,16 +85,18 @@ def read_skipped(manifest: str) -> dict[str, int] | None:
 
 
 def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary: dict, dq: Path) -> None:
-    """summary.md and, in summary_files/, the class histogram and the offenders' thumbnails."""
+    """summary.md, index.html and, in summary_files/, the class histogram and the thumbnails."""
     try:
         source = Source.from_params(ingest)
     except SourceError as exc:  # the page is still worth having without thumbnails
         log.warning("summary without thumbnails: %s", exc)
         source = None
     with source or contextlib.nullcontext(), atomic_write.atomic_dir(dq / quality_report.FILES) as files:
-        page = quality_report.write(result, summary, rules, source, files)
-    atomic_write.write_text(dq / "summary.md", page)
-    log.info("summary: %s", dq / "summary.md")
+        links = {"Data Docs": SITE, QUARANTINE: QUARANTINE, SUMMARY: SUMMARY, quality_report.PAGE: quality_report.PAGE}
+        page, html = quality_report.write(result, summary, rules, source, files, links)
+    atomic_write.write_text(dq / quality_report.PAGE, page)
+    atomic_write.write_text(dq / quality_report.HTML_PAGE, html)
+    log.info("summary: %s; the full page: %s", dq / quality_report.PAGE, dq / quality_report.HTML_PAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,14 @@
-"""summary.md: the one page a reviewer reads before trusting the data, with its pictures.
+"""summary.md and index.html: the pages a reviewer reads before trusting the data, with their pictures.
+
+index.html is the full page, in the style of the evaluation report (templates/data_quality.html):
+every quarantined file with its reason, the near-duplicate groups, the expectation results; the
+markdown is the short version, for a code forge and the Prefect artifact. Both are rendered from the
+same selections below (the groups shown, their members, the offenders), so they never disagree.
 
 It links, by relative paths, to the files beside it in `summary_files/`: the class histogram
 (`classes.png`) and small thumbnails of the worst offenders (`<image id>.jpg`), so the page
-renders wherever the folder goes (a code forge, an editor's preview). Only the few images shown
-are read again; the facts behind the page come from the manifest.
+renders wherever the folder goes (a code forge, an editor's preview). Only the images shown (a
+capped number) are read again; the facts behind the page come from the manifest.
 
 Everything is sorted with a tie-break on the image id: the same data gives the same page.
 """
@@ -22,42 +27,59 @@ from imgpipe.data.sources import Source
 from imgpipe.reports import thumbnails
 
 PAGE = "summary.md"
+HTML_PAGE = "index.html"
 FILES = "summary_files"
 HISTOGRAM = "classes.png"
 WORST = 6  # offenders shown per check
 GROUPS = 5  # near-duplicate groups shown
 GROUP_THUMBNAILS = 4  # images shown per group
 QUARANTINE_ROWS = 20
+# index.html: thumbnails are decoded again from the source, so their number is capped; the rows are not
+PAGE_THUMBNAILS = 200  # quarantined files shown with a thumbnail
+PAGE_GROUPS = 50  # near-duplicate groups shown (each with GROUP_THUMBNAILS images)
 THUMBNAIL_SIDE = 96
 # past this many classes the histogram's bars are too thin to name
 NAMED_BARS = 40
 
 
-def write(result, summary: dict, rules: Validate, source: Source | None, folder: Path) -> str:
-    """Write the histogram and thumbnails into `folder`; return the markdown of summary.md.
+def write(result, summary: dict, rules: Validate, source: Source | None, folder: Path,
+          links: dict[str, str]) -> tuple[str, str]:
+    """Write the histogram and thumbnails into `folder`; return (summary.md's markdown, index.html's HTML).
 
-    `result` is validate's Triage; `source` reads the images to show (None: no thumbnails).
+    `result` is validate's Triage; `source` reads the images to show (None: no thumbnails); `links`:
+    the other outputs index.html links to, name -> path relative to it ("Data Docs" and
+    "quarantine.csv" are linked from their sections too).
     """
     thumbs = Thumbnails(source, Path(folder))
     class_histogram(result.classes, rules.min_images_per_class, Path(folder) / HISTOGRAM)
+    # the selections both pages show, made once
+    offenders, worst = _offender_checks(result.accepted, rules), _worst_groups(result.groups)
     parts = [
         _headline(summary),
         _warnings(summary),
         _checks(summary),
         _classes(result.classes, summary, rules),
         _quarantined(result.quarantine, summary),
-        _near_duplicates(result.accepted, result.groups, summary, rules, thumbs),
-        _offenders(result.accepted, rules, thumbs),
+        _near_duplicates(result.accepted, worst, summary, rules, thumbs),
+        _offenders(offenders, thumbs),
     ]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n", _html(result, summary, rules, offenders, worst, thumbs, links)
 
 
 # --- sections --------------------------------------------------------------------------------
 
-def _headline(summary: dict) -> str:
+def _verdict(summary: dict) -> str:
     failed = [r for r in summary["expectations"]["results"] if r["critical"] and not r["success"]]
-    verdict = "passed" if summary["success"] else f"FAILED ({len(failed)} critical check(s))"
-    return (f"# Data quality: {verdict}\n\n"
+    return "passed" if summary["success"] else f"FAILED ({len(failed)} critical check(s))"
+
+
+def _status(result: dict) -> str:
+    """An expectation result in a word: a failed critical one fails the stage, a failed other one warns."""
+    return "pass" if result["success"] else ("FAILED" if result["critical"] else "warning")
+
+
+def _headline(summary: dict) -> str:
+    return (f"# Data quality: {_verdict(summary)}\n\n"
             f"**{summary['inputs']}** inputs: **{summary['ingested']}** accepted, **{summary['quarantined']}** "
             f"quarantined ({summary['quarantined_fraction']:.1%}). Every input is in exactly one of "
             f"`accepted.csv` and `quarantine.csv`; no file is moved or deleted.\n\n"
@@ -94,7 +116,7 @@ def _warnings(summary: dict) -> str:
 def _checks(summary: dict) -> str:
     lines = ["## Checks", "", "| result | check | on | unexpected |", "|---|---|---|---|"]
     for r in summary["expectations"]["results"]:
-        status = "pass" if r["success"] else ("**FAILED**" if r["critical"] else "warning")
+        status = "**FAILED**" if _status(r) == "FAILED" else _status(r)
         lines.append(f"| {status} | {_cell(r['description'])} | `{r['table']}.{r['column']}` | "
                      f"{r['unexpected_count']} of {r['element_count']} |")
     return "\n".join(lines)
@@ -123,28 +145,37 @@ def _quarantined(quarantine: pd.DataFrame, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _near_duplicates(accepted: pd.DataFrame, groups: pd.DataFrame, summary: dict, rules: Validate,
+def _near_duplicates(accepted: pd.DataFrame, worst: pd.DataFrame, summary: dict, rules: Validate,
                      thumbs: Thumbnails) -> str:
+    """`worst`: the groups, _worst_groups' order."""
     nd = summary["near_duplicates"]
     head = (f"## Near-duplicates\n\nPerceptual hashes within {rules.near_duplicate_distance} of 64 bits "
             f"(`validate.near_duplicate_distance`).")
-    if groups.empty:
+    if worst.empty:
         return head + " None found."
     lines = [head + f" Groups: {nd['groups']}, holding {nd['images']} images (the largest: {nd['largest_group']}); "
              f"mixing labels: {nd['groups_mixing_labels']}; crossing the split the source came with: "
              f"{nd['groups_across_source_splits']}. The split stage keeps each group in one split.",
              "", "| group | images | labels | source splits | some of its images |", "|---|---|---|---|---|"]
-    # the most suspicious first: mixed labels, then leakage, then the largest
-    worst = groups.sort_values(["labels", "source_splits", "images", "group"],
-                               ascending=[False, False, False, True]).head(GROUPS)
-    for group in worst.itertuples(index=False):
-        members = accepted[accepted["group"] == group.group].sort_values("id").head(GROUP_THUMBNAILS)
+    for group in worst.head(GROUPS).itertuples(index=False):
+        members = _members(accepted, group.group)
         pictures = " ".join(thumbs.markdown(m, f"{m.label}") for m in members.itertuples(index=False))
         lines.append(f"| {_cell(group.path)} | {group.images} | {group.labels} | {group.source_splits} | {pictures} |")
     return "\n".join(lines)
 
 
-def _offenders(accepted: pd.DataFrame, rules: Validate, thumbs: Thumbnails) -> str:
+def _worst_groups(groups: pd.DataFrame) -> pd.DataFrame:
+    """The groups, the most suspicious first: mixed labels, then leakage, then the largest."""
+    return groups.sort_values(["labels", "source_splits", "images", "group"], ascending=[False, False, False, True])
+
+
+def _members(accepted: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The images of a group shown: the first GROUP_THUMBNAILS by id."""
+    return accepted[accepted["group"] == group].sort_values("id").head(GROUP_THUMBNAILS)
+
+
+def _offender_checks(accepted: pd.DataFrame, rules: Validate) -> list[tuple[str, str, str, int, pd.DataFrame]]:
+    """Per warning threshold: (title, column, the rule in words, images past it, the WORST of them)."""
     checks = [
         ("Blurriest", "sharpness", True, accepted["sharpness"] < rules.min_sharpness,
          f"variance of the Laplacian under {rules.min_sharpness:g}"),
@@ -155,20 +186,66 @@ def _offenders(accepted: pd.DataFrame, rules: Validate, thumbs: Thumbnails) -> s
         ("Flattest", "contrast", True, accepted["contrast"] < rules.min_contrast,
          f"grey-level standard deviation under {rules.min_contrast:g}"),
     ]
-    lines = ["## Worst offenders", "", "Accepted images past a warning threshold (they are trained on: "
-             "look at them).", ""]
+    out = []
     for title, column, lowest_first, mask, rule in checks:
         hit = accepted[mask]
-        if hit.empty:
+        out.append((title, column, rule, len(hit),
+                    hit.sort_values([column, "id"], ascending=[lowest_first, True]).head(WORST)))
+    return out
+
+
+def _offenders(offenders: list, thumbs: Thumbnails) -> str:
+    lines = ["## Worst offenders", "", "Accepted images past a warning threshold (they are trained on: "
+             "look at them).", ""]
+    for title, column, rule, hits, worst in offenders:
+        if not hits:
             lines += [f"### {title}: none ({rule})", ""]
             continue
-        worst = hit.sort_values([column, "id"], ascending=[lowest_first, True]).head(WORST)
-        lines += [f"### {title}: {len(hit)} image(s) with {rule}", "",
+        lines += [f"### {title}: {hits} image(s) with {rule}", "",
                   f"| image | file | class | {column} |", "|---|---|---|---|"]
         lines += [f"| {thumbs.markdown(row, row.path)} | {_cell(row.path)} | {_cell(row.label)} | "
                   f"{getattr(row, column):g} |" for row in worst.itertuples(index=False)]
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+# --- index.html: the same facts, as HTML (templates/data_quality.html) -------------------------
+
+def _html(result, summary: dict, rules: Validate, offenders: list, worst: pd.DataFrame, thumbs: Thumbnails,
+          links: dict[str, str]) -> str:
+    # the evaluation report's template environment (autoescaped, strict); imported here, since
+    # evaluation.py imports this module for the page's name
+    from imgpipe.reports.evaluation import TEMPLATES
+
+    quarantine = result.quarantine
+    # validation.decide writes each quarantined file's image id as detail "id=<id>"
+    ids = quarantine["detail"].fillna("").str.removeprefix("id=")
+    quarantined = [{"path": path, "rule": rule, "reason": reason,
+                    "thumb": thumbs.file(image_id, path) if i < PAGE_THUMBNAILS else None}
+                   for i, (path, rule, reason, image_id)
+                   in enumerate(zip(quarantine["path"], quarantine["rule"], quarantine["reason"], ids))]
+
+    def shown(groups: pd.DataFrame) -> list[dict]:
+        # records, not tuples: Python numbers, which the table macros right-align
+        return [{**group, "members": [
+            {"path": m.path, "label": m.label, "thumb": thumbs.file(m.id, m.path),
+             "split": "" if pd.isna(m.source_split) else m.source_split}  # missing: the source gave none
+            for m in _members(result.accepted, group["group"]).itertuples(index=False)]}
+            for group in groups.head(PAGE_GROUPS).to_dict("records")]
+
+    crossing = worst[worst["source_splits"] > 1]
+    results = summary["expectations"]["results"]
+    return TEMPLATES.get_template("data_quality.html").render(
+        thumb=THUMBNAIL_SIDE, links=links, summary=summary, rules=rules, verdict=_verdict(summary), status=_status,
+        skipped_why=SKIPPED_WHY, histogram=f"{FILES}/{HISTOGRAM}",
+        critical=[r for r in results if r["critical"]], warning_checks=[r for r in results if not r["critical"]],
+        classes=result.classes.to_dict("records"), quarantined=quarantined, page_thumbnails=PAGE_THUMBNAILS,
+        groups=shown(worst), crossing=shown(crossing), crossing_total=len(crossing), page_groups=PAGE_GROUPS,
+        offenders=[{"title": title, "column": column, "rule": rule, "hits": hits,
+                    "rows": [{"path": r.path, "label": r.label, "value": getattr(r, column),
+                              "thumb": thumbs.file(r.id, r.path)} for r in worst_rows.itertuples(index=False)]}
+                   for title, column, rule, hits, worst_rows in offenders],
+    )
 
 
 # --- pictures --------------------------------------------------------------------------------
@@ -199,17 +276,23 @@ class Thumbnails:
 
     def markdown(self, row, caption: str) -> str:
         """`row` is an accepted-image row (id, path); the caption is the image's alt text."""
-        name = f"{row.id}.jpg"
-        if not (self.folder / name).exists() and not self._write(row.path, self.folder / name):
-            return "(no thumbnail)"
-        return f"![{_alt(caption)}]({FILES}/{name})"
+        picture = self.file(row.id, row.path)
+        return "(no thumbnail)" if picture is None else f"![{_alt(caption)}]({picture})"
+
+    def file(self, image_id: str, path: str) -> str | None:
+        """The thumbnail's path relative to the pages (written the first time), None when the image
+        does not decode (or there is no source)."""
+        name = f"{image_id}.jpg"
+        if not image_id or not (self.folder / name).exists() and not self._write(path, self.folder / name):
+            return None
+        return f"{FILES}/{name}"
 
     def _write(self, image_path: str, out: Path) -> bool:
         if self.source is None:
             return False
         try:
             decoded = self.source.read_image(image_path)
-        except OSError:  # gone or unreadable since ingest: the page says so instead of failing
+        except (OSError, ValueError):  # gone or unreadable since ingest: the page says so instead of failing
             return False
         if not decoded.ok:
             return False

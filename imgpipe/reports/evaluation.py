@@ -32,6 +32,7 @@ from imgpipe.core.atomic_write import atomic_dir, write_csv, write_text
 from imgpipe.core.params import Evaluate, Ingest, Paths
 from imgpipe.data.sources import Source, SourceError
 from imgpipe.reports import thumbnails
+from imgpipe.reports.data_quality import HTML_PAGE as DATA_QUALITY_PAGE
 
 FOLDER = "evaluation"
 INDEX = "index.html"
@@ -215,6 +216,7 @@ def write(paths: Paths, evaluate: Evaluate, ingest: Ingest, metrics: dict, class
         "predictions": PREDICTIONS,
         "metrics": link(reports / "metrics.json"),
         "misclassified": link(reports / "misclassified.csv"),
+        "data_quality_page": link(dq / DATA_QUALITY_PAGE),
         "data_quality_report": link(dq / "site" / "index.html"),
         "data_quality_summary": link(dq / "summary.json"),
     }

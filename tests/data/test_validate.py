@@ -324,6 +324,10 @@ def test_class_names_alike_are_a_warning_naming_them(tmp_path):
             "`Cat` (2), `cat` (4), `cat ` (1) accepted images. Most likely one class: rename the folders or "
             "the labels to one name.\n") in page
     assert "| warning | No two class names differ only in letter case or surrounding spaces" in page
+    full = (tmp_path / "dq" / "index.html").read_text()  # the HTML page says the same, escaped
+    assert ('<ul id="warnings">\n<li>Classes named alike, the same but for letter case or surrounding spaces: '
+            "<code>Cat</code> (2), <code>cat</code> (4), <code>cat </code> (1) accepted images. Most likely one "
+            "class: rename the folders or the labels to one name.</li>\n</ul>") in full
 
 
 def test_the_files_ingest_skipped_are_in_the_summary(tmp_path):
@@ -342,7 +346,8 @@ def test_the_files_ingest_skipped_are_in_the_summary(tmp_path):
 
 def test_same_inputs_give_the_same_bytes(tmp_path):
     files = [tmp_path / "dq" / "summary.json", tmp_path / "dq" / "quarantine.csv", tmp_path / "accepted.csv",
-             tmp_path / "dq" / "summary.md", tmp_path / "dq" / "summary_files" / "classes.png"]
+             tmp_path / "dq" / "summary.md", tmp_path / "dq" / "index.html",
+             tmp_path / "dq" / "summary_files" / "classes.png"]
     run_validate(tmp_path, CLEAN)
     first = [f.read_bytes() for f in files]
     run_validate(tmp_path, CLEAN)
@@ -436,6 +441,23 @@ def test_warnings_are_reported_and_do_not_fail_the_stage(tmp_path):
     assert "### Flattest: 1 image(s)" in page
     assert "| train/cat/x.png | 2 | 2 | 2 | (no thumbnail) (no thumbnail) |" in page
     assert "Imbalance (largest class over smallest): 2.538; warning above 2.5." in page
+    full = (tmp_path / "dq" / "index.html").read_text()
+    assert ('<table id="crossing-splits"><tr><th>group</th><th>images</th><th>labels</th><th>source splits</th>'
+            '<th>some of its images</th></tr>\n<tr><td>train/cat/x.png</td><td class="num">2</td><td class="num">2</td>'
+            '<td class="num">2</td><td><div class="group"><figure><div class="missing">no thumbnail</div><figcaption>'
+            'cat (train): train/cat/x.png</figcaption></figure><figure><div class="missing">no thumbnail</div>'
+            '<figcaption>dog (test): test/dog/x.png</figcaption></figure></div></td></tr>\n</table>') in full
+    assert ('<h3>Blurriest: 1 (variance of the Laplacian under 5)</h3>\n<div class="group"><figure><div class="missing">'
+            'no thumbnail</div><figcaption>cat, sharpness 1.5: cat/blurry.png</figcaption></figure></div>') in full
+
+
+def test_the_page_names_no_split_when_the_source_gave_none(tmp_path):
+    rows = [*good("cat", 10, 0), *good("dog", 10, 100), row(300, "cat", path="cat/a.png", phash=phash(500)),
+            row(301, "cat", path="cat/b.png", phash=phash(500))]
+    assert run_validate(tmp_path, rows) is None
+    full = (tmp_path / "dq" / "index.html").read_text()
+    assert "<figcaption>cat: cat/a.png</figcaption>" in full and "<figcaption>cat: cat/b.png</figcaption>" in full
+    assert '<h3>Groups crossing the source\'s splits (0)</h3>' in full
 
 
 @pytest.mark.parametrize("rules, message", [

@@ -305,7 +305,9 @@ def test_publishes_the_data_quality_summary_and_the_metrics(prefect_api, client,
     # validate's own summary.md, found through params.yaml: its lines as they are, but for links
     folder = repo / "out" / "quality"
     page = (folder / "summary.md").read_text()
-    assert quality.description == f"validate: data-quality summary, from {(folder / 'summary.md').resolve()}"
+    assert quality.description == (f"validate: data-quality summary, from {(folder / 'summary.md').resolve()}; "
+                                   f"the full page: {(folder / 'index.html').resolve()}")
+    assert (folder / "index.html").read_text().startswith("<!doctype html>")
     shown = quality.data.splitlines()
     assert len(shown) == len(page.splitlines())
     assert all(line == mine for line, mine in zip(shown, page.splitlines()) if "](" not in mine)

@@ -89,3 +89,4 @@ def write_data_quality(folder: Path) -> None:
     (folder / "site").mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(DATA_QUALITY))
     (folder / "site" / "index.html").write_text("<h1>Data Docs</h1>")
+    (folder / "index.html").write_text("<h1>Data quality</h1>")  # validate's page, linked from the report

@@ -81,6 +81,8 @@ def test_report_page_shows_the_metrics_the_gate_and_links_that_resolve(mnist_run
     gallery = (folder / "gallery.html").read_text()
     anchors = re.findall(r'href="gallery\.html#([^"]+)"', page)
     assert anchors and all(f'<h2 id="{html.escape(unquote(anchor))}">' in gallery for anchor in anchors)
+    quality_page = re.search(r'<a id="data-quality-page" href="([^"]+)"', page).group(1)
+    assert (folder / quality_page).resolve() == (Path(params.paths.data_quality) / "index.html").resolve()
     data_docs = re.search(r'<a id="data-quality-report" href="([^"]+)"', page).group(1)
     assert (folder / data_docs).resolve() == (Path(params.paths.data_quality) / "site" / "index.html").resolve()
     # self-contained: nothing to fetch from the network, no script to run
@@ -154,7 +156,8 @@ def test_report_page_escapes_class_names_and_marks_low_recall():
                              "b&c": {"precision": 0.5, "recall": 0.9, "f1": 0.6, "support": 20}},
                "gate": {"verdict": "failed", "checks": []}}
     links = {"gallery": "gallery.html", "predictions": "predictions.csv", "metrics": "../metrics.json",
-             "misclassified": "../miss ed.csv", "data_quality_report": "../dq/site/index.html",
+             "misclassified": "../miss ed.csv", "data_quality_page": "../dq/index.html",
+             "data_quality_report": "../dq/site/index.html",
              "data_quality_summary": "../dq/summary.json"}
     model = {"path": "m.keras", "md5": "0f", "export": "export"}
     page = report.index_html(metrics, ["<i>a", "b&c"], [("<i>a", "b&c", 8, 0.8)], {"roc": "r o c.png"}, links,
