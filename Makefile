@@ -58,7 +58,7 @@ data: install
 
 run: install weights data
 	$(BIN)/dvc repro
-	@echo "metrics: reports/metrics.json (dvc metrics show); report: reports/evaluation/index.html; data quality: reports/data_quality/summary.md"
+	@echo "metrics: reports/metrics.json (dvc metrics show); report: reports/evaluation/index.html; data quality: reports/data_quality/index.html"
 
 test: install weights
 	$(BIN)/python -m pytest
