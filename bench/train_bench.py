@@ -66,7 +66,7 @@ class EpochTimes(keras.callbacks.Callback):
 def fresh_model(params: Params, meta: dict) -> keras.Model:
     keras.utils.set_random_seed(params.base.seed)
     clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), params.train,
-                meta["normalization"], params.base.seed)
+                meta["preprocess"]["normalization"], params.base.seed)
     compile_for_training(clf.training, params.train.learning_rate)
     return clf.training
 

@@ -74,9 +74,8 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
             write_json(Path(out) / shards.META, {
                 "height": p.size[0], "width": p.size[1], "channels": channels, "dtype": "float16",
                 "classes": classes, "counts": counts, "class_counts": class_counts, "files": files,
-                "colour_mode": p.colour_mode, "normalization": p.normalization,
-                "standardize_scope": p.standardize_scope, "mean": mean, "std": std, "size": list(p.size),
-                # every param that decides the pixels, for the export and the feature cache's key
+                "mean": mean, "std": std,
+                # every param that decides the pixels (once: the export, train and the feature cache read it here)
                 "preprocess": shards.pixel_params(p),
             })
 

@@ -2,7 +2,8 @@
 
 Layout of a shard folder (written by `preprocess`, read by `rebalance`, `train`, `evaluate`):
 
-    meta.json                   shapes, dtype, classes, counts per split, file names, normalisation
+    meta.json                   shapes, dtype, classes, counts per split, file names, the train split's
+                                mean/std, and under `preprocess` every param that decided the pixels
     train-00000.tfrecord ...    one tf.train.Example per image:
                                   image: raw float16 bytes, shape [height, width, channels]
                                   label: int64 class index into meta["classes"]

@@ -151,7 +151,7 @@ def cached_datasets(clf: Classifier, train: Train, seed: int, paths: Paths, meta
         "hub_endpoint": train.hub_endpoint, "backbone_size": train.backbone_size,
         "dtype_policy": clf.extractor.dtype_policy.name, "keras": keras.__version__,
         "preprocess": meta["preprocess"],
-        "shards": {k: meta.get(k) for k in ("height", "width", "channels", "normalization", "mean", "std")},
+        "shards": {k: meta.get(k) for k in ("height", "width", "channels", "mean", "std")},
     }
     key = feature_cache.cache_key(clf.extractor.get_weights(), description)
     path = cache_dir / "embeddings" / f"{key}.npy"
@@ -355,7 +355,7 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
     with strategy.scope():
         with precision(train.mixed_precision):
             clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), train,
-                        meta["normalization"], seed)
+                        meta["preprocess"]["normalization"], seed)
         best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
         cached = train.embedding_cache and train.pretrained and not train.augments_phase1
         per_epoch = sum(copies.values())

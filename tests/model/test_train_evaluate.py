@@ -53,9 +53,8 @@ def write_shards(folder: Path, per_class: dict[str, int]) -> dict[str, list[tupl
     folder.mkdir(parents=True)
     indices = {d: iter(np.flatnonzero(labels == d)) for d in DIGITS}
     meta = {
-        "height": 28, "width": 28, "channels": 1, "dtype": "float16", "classes": CLASSES, "colour_mode": "grey",
-        "counts": {}, "class_counts": {}, "files": {}, "normalization": "unit",
-        "standardize_scope": "dataset", "mean": None, "std": None, "size": [28, 28],
+        "height": 28, "width": 28, "channels": 1, "dtype": "float16", "classes": CLASSES,
+        "counts": {}, "class_counts": {}, "files": {}, "mean": None, "std": None,
         "preprocess": shards.pixel_params(Preprocess(colour_mode="grey", size=(28, 28), normalization="unit")),
     }
     written = {}
