@@ -1,14 +1,21 @@
-"""preprocess: every image of the split table (`paths.split`) made training-ready
+"""preprocess: every image of the split table (`paths.split`) in use made training-ready
 (imgpipe/images/transforms.py) and written to shards (`paths.shards`, imgpipe/model/shards.py).
 
-Images are read one at a time from the source and written in id order (a hash order, so
-classes are mixed within every shard); the same inputs and params give the same shard bytes.
-With `standardize_scope: dataset`, a first streaming pass over train gives the mean and std.
+The shards are updated in place (a `persist` output in dvc.yaml): a file whose images are the
+same as the last run's, with the same pixel params, is left as it is; one that changed is
+rewritten, from the pixels the old file held for the images it keeps and from the source for
+the new ones. The folder then holds exactly what a run from nothing would write, byte for byte.
+An update deletes meta.json before it changes a file and writes it last, so a run killed
+half-way leaves a folder the next run rebuilds whole.
+With `standardize_scope: dataset`, a first streaming pass over train gives the mean and std
+(skipped when train holds the same images as last time); a new mean changes every file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,12 +23,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from imgpipe.core.atomic_write import atomic_dir, write_json
+from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Preprocess
 from imgpipe.core.runner import stage_main
 from imgpipe.data.manifest import read_split
 from imgpipe.data.sources import Source
+from imgpipe.data.splitting import arrivals_in_id_order
 from imgpipe.images.transforms import ChannelStats, normalize, transform
 from imgpipe.model import shards
 
@@ -38,46 +46,104 @@ def load(source: Source, path: str) -> np.ndarray:
     return decoded.image
 
 
-def images(source: Source, rows: pd.DataFrame, p: Preprocess, desc: str):
-    for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=desc, unit="img", mininterval=2, disable=None):
-        yield row, transform(load(source, row.path), p)
+def train_stats(source: Source, files: dict[str, pd.DataFrame], p: Preprocess, channels: int):
+    stats = ChannelStats(channels)
+    train = [m for name, m in files.items() if name.startswith("train-")]
+    total = sum(len(m) for m in train)
+    with tqdm(total=total, desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
+        for members in train:
+            for path in members["path"]:
+                stats.add(transform(load(source, path), p))
+                bar.update()
+    return stats.mean_std()
 
 
 def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
     frame = read_split(paths.split)
+    if "arrival" not in frame.columns:
+        frame["arrival"] = arrivals_in_id_order(frame, "split")
     classes = sorted(frame["label"].unique())
     index = {c: i for i, c in enumerate(classes)}
     channels = 1 if p.colour_mode == "grey" else 3
-    by_split = {s: frame[frame["split"] == s].sort_values("id") for s in SPLITS}
-    if by_split["train"].empty:
+    used = frame[frame["split"].isin(SPLITS)]
+    if not (used["split"] == "train").any():
         raise StageError(f"{paths.split} has no training images")
+    folder = Path(paths.shards)
+    files = shards.layout(used, index, p.images_per_shard, SPLITS)
+    digests = {name: shards.members_digest(members) for name, members in files.items()}
+    old = shards.previous_meta(folder)
+    if old is not None and old.get("preprocess") != shards.pixel_params(p):
+        old = None  # other pixels: nothing of the old files can be kept
 
     with Source.from_params(ingest) as source:
         mean = std = None
         if p.normalization == "standardize" and p.standardize_scope == "dataset":
-            stats = ChannelStats(channels)
-            for _, x in images(source, by_split["train"], p, "train mean/std"):
-                stats.add(x)
-            mean, std = stats.mean_std()
-            log.info("train mean %s, std %s", mean, std)
+            same_train = old is not None and {n: d for n, d in digests.items() if n.startswith("train-")} == {
+                n: e["members"] for n, e in old.get("shards", {}).items() if n.startswith("train-")}
+            if same_train:
+                mean, std = old["mean"], old["std"]
+                log.info("train unchanged: its mean and std as last run's, %s and %s", mean, std)
+            else:
+                mean, std = train_stats(source, files, p, channels)
+                log.info("train mean and std of %d images: %s and %s", (used["split"] == "train").sum(), mean, std)
+        if old is not None and (old.get("mean"), old.get("std")) != (mean, std):
+            old = None
+        keep = shards.kept(folder, files, old)
+        meta = {
+            "height": p.size[0], "width": p.size[1], "channels": channels, "dtype": "float16",
+            "classes": classes,
+            "counts": {s: int((used["split"] == s).sum()) for s in SPLITS},
+            "class_counts": {s: {c: int(((used["split"] == s) & (used["label"] == c)).sum()) for c in classes} for s in SPLITS},
+            "files": {s: [n for n in files if n.startswith(f"{s}-")] for s in SPLITS},
+            "mean": mean, "std": std,
+            # every param that decides the pixels (once: the export, train and the feature cache read it here)
+            "preprocess": shards.pixel_params(p),
+            "images_per_shard": p.images_per_shard,
+            "shards": {name: {"count": len(files[name]), "members": digests[name]} for name in files},
+        }
+        stale = [e for e in folder.iterdir() if e.name not in files and e.name != shards.META] if folder.is_dir() else []
+        if len(keep) == len(files) and not stale and old == json.loads(json.dumps(meta)):
+            log.info("shards up to date: %d files, nothing to write", len(files))
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / shards.META).unlink(missing_ok=True)  # from here on, the folder is not a finished run's
+        update(source, folder, files, keep, old, p, mean, std)
+        for entry in stale:  # files of no image any more, and what a killed run left
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+        write_json(folder / shards.META, meta)
+    for s in SPLITS:
+        log.info("%s: %d images in %d shards", s, meta["counts"][s], len(meta["files"][s]))
 
-        with atomic_dir(paths.shards) as out:
-            files, counts, class_counts = {}, {}, {}
-            for split in SPLITS:
-                rows = by_split[split]
-                with shards.ShardWriter(out, split, p.images_per_shard) as writer:
-                    for row, x in images(source, rows, p, split):
-                        writer.write(normalize(x, p, mean, std), index[row.label], row.id, row.path)
-                files[split], counts[split] = writer.files, writer.count
-                class_counts[split] = {c: int((rows["label"] == c).sum()) for c in classes}
-                log.info("%s: %d images in %d shards", split, writer.count, len(writer.files))
-            write_json(Path(out) / shards.META, {
-                "height": p.size[0], "width": p.size[1], "channels": channels, "dtype": "float16",
-                "classes": classes, "counts": counts, "class_counts": class_counts, "files": files,
-                "mean": mean, "std": std,
-                # every param that decides the pixels (once: the export, train and the feature cache read it here)
-                "preprocess": shards.pixel_params(p),
-            })
+
+def update(source: Source, folder: Path, files: dict[str, pd.DataFrame], keep: set[str], old: dict | None,
+           p: Preprocess, mean, std) -> None:
+    """Write every file of `files` not in `keep`, each image's pixels from the old files when they
+    hold it with the same pixels (`old` is not None), else decoded from the source."""
+    todo = [name for name in files if name not in keep]
+    old_per_shard = (old or {}).get("images_per_shard")
+    decoded = reused = 0
+    with tqdm(total=sum(len(files[n]) for n in todo), desc="shards", unit="img", mininterval=2, disable=None) as bar:
+        for name in todo:
+            members = files[name]
+            split = name.split("-")[0]
+            stored = {}
+            if old is not None and old_per_shard:
+                olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
+                stored = shards.stored_images(folder / n for n in sorted(olds) if n in old["shards"])
+            records = []
+            for image_id, y, path in zip(members["id"], members["y"], members["path"]):
+                pixels = stored.get(image_id.encode())
+                if pixels is None:
+                    pixels = shards.pixel_bytes(normalize(transform(load(source, path), p), p, mean, std))
+                    decoded += 1
+                else:
+                    reused += 1
+                records.append((pixels, y, image_id, path))
+                bar.update()
+            with atomic_path(folder / name) as tmp:
+                shards.write_file(tmp, records)
+    log.info("%d of %d shard files kept as they were; %d rewritten: %d images decoded, %d taken from the old files",
+             len(keep), len(files), len(todo), decoded, reused)
 
 
 def main(argv=None) -> int:

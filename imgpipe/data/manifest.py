@@ -9,6 +9,7 @@
   the image's near-duplicate group (named by its smallest id).
 - the split table (`paths.split`, written by split): the accepted list, plus `bucket` (of the
   image's id), `assigned` (train, val or test, for good; empty for a near-duplicate `conflict`),
+  `arrival` (the image's place in its split's order of arrival, which lays out the shards),
   `split` (what the later stages use: `assigned`, or `unused`) and `reason` (why unused).
   imgpipe/data/splitting.py says what they mean, and writes and reads its state.
 
@@ -32,7 +33,7 @@ BYTE_COLUMNS = [c for c in COLUMNS if c not in RECORD_COLUMNS]
 # file lacks is not read (pandas passes over those names).
 DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "error", "phash", "phash_mirror",
                               "group", "assigned", "split", "reason")},
-          **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes", "bucket")},
+          **{c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes", "bucket", "arrival")},
           **{c: "float64" for c in ("sharpness", "brightness", "contrast")}}
 
 

@@ -36,8 +36,13 @@ What is set aside (`split` unused), never moved:
   it was assigned (a file moved between folders); it is used for neither.
 
 The state (`paths.split_state`, a persist output of the split stage: DVC versions it but never
-deletes it before a run) holds `id,assigned` for every image ever assigned, under a first line
-naming the split's definition (split.method, test_buckets, val_buckets) it was made with.
+deletes it before a run) holds `id,assigned,arrival` for every image ever assigned, under a first
+line naming the split's definition (split.method, test_buckets, val_buckets) it was made with.
+`arrival` is the image's place in its split's order of arrival (0, 1, 2, ...; new images of a
+run take the next numbers in id order; a number is never reused), kept like `assigned`:
+preprocess lays the shards out by it, so images that arrive later land in new shards and
+the existing shards keep their bytes (imgpipe/model/shards.py). A state without the column (made
+before it existed) numbers its images in id order.
 Removed images stay in it, so an image that comes back keeps its split. When the definition
 changes the state no longer applies: the stage logs that and starts afresh. To start afresh by
 hand, delete the file and run `dvc repro split`.
@@ -58,7 +63,7 @@ from imgpipe.core.params import Split
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-STATE_COLUMNS = ["id", "assigned"]
+STATE_COLUMNS = ["id", "assigned", "arrival"]
 # the state's first line; the rest is a CSV of STATE_COLUMNS
 STATE_HEADER = "# imgpipe split state, made with "
 
@@ -110,8 +115,9 @@ def definition(p: Split) -> dict:
 
 # --- the state ---------------------------------------------------------------------------------
 
-def read_state(path: str | Path) -> tuple[dict, pd.Series] | None:
-    """The definition a state was made with and its `assigned` by id; None when there is no state."""
+def read_state(path: str | Path) -> tuple[dict, pd.DataFrame] | None:
+    """The definition a state was made with and its `assigned` and `arrival` by id; None when
+    there is no state."""
     path = Path(path)
     if not path.exists():
         return None
@@ -129,19 +135,27 @@ def read_state(path: str | Path) -> tuple[dict, pd.Series] | None:
             table = pd.read_csv(fh, dtype=str, keep_default_na=False)
         except (ValueError, pd.errors.ParserError) as exc:
             raise StageError(f"{path}: not a readable split state: {exc}; {reset}") from None
+    if list(table.columns) == STATE_COLUMNS[:2]:  # made before arrivals were kept
+        table["arrival"] = arrivals_in_id_order(table, "assigned")
     if list(table.columns) != STATE_COLUMNS:
         raise StageError(f"{path}: a split state has columns {','.join(STATE_COLUMNS)}, this one "
                          f"{','.join(map(str, table.columns))}; {reset}")
-    bad = table[~table["assigned"].isin(SPLITS) | (table["id"] == "") | table["id"].duplicated()]
+    arrival = pd.to_numeric(table["arrival"], errors="coerce")
+    bad = table[~table["assigned"].isin(SPLITS) | (table["id"] == "") | table["id"].duplicated()
+                | ~(arrival >= 0) | (arrival % 1 != 0)
+                | pd.DataFrame({"a": table["assigned"], "n": arrival}).duplicated()]
     if len(bad):
         row = bad.iloc[0]
-        raise StageError(f"{path}: {len(bad)} rows are not one image id with train, val or test "
-                         f"(e.g. line {bad.index[0] + 3}: {row['id']!r},{row['assigned']!r}); {reset}")
-    return made_with, table.set_index("id")["assigned"]
+        raise StageError(f"{path}: {len(bad)} rows are not one image id with train, val or test and its own arrival "
+                         f"number (e.g. line {bad.index[0] + 3}: {row['id']!r},{row['assigned']!r},{row['arrival']!r}); "
+                         f"{reset}")
+    table["arrival"] = arrival.astype("int64")
+    return made_with, table.set_index("id")
 
 
-def previous_assignment(path: str | Path, p: Split) -> pd.Series | None:
-    """The assignment the state at `path` holds, if it was made with the split's current definition."""
+def previous_assignment(path: str | Path, p: Split) -> pd.DataFrame | None:
+    """The state at `path` (`assigned` and `arrival` by id), if it was made with the split's
+    current definition."""
     found = read_state(path)
     if found is None:
         log.info("no split state at %s: every image is assigned afresh", path)
@@ -155,18 +169,41 @@ def previous_assignment(path: str | Path, p: Split) -> pd.Series | None:
     return assigned
 
 
-def next_state(previous: pd.Series | None, out: pd.DataFrame) -> pd.Series:
-    """The previous state plus the images assigned this time, by id (removed images stay)."""
-    new = out.loc[out["assigned"].isin(SPLITS), ["id", "assigned"]].set_index("id")["assigned"]
+def next_state(previous: pd.DataFrame | None, out: pd.DataFrame) -> pd.DataFrame:
+    """The previous state plus the images `assign` assigned this time, by id (removed images stay)."""
+    new = out.loc[out["assigned"].isin(SPLITS), STATE_COLUMNS].set_index("id")
+    new["arrival"] = new["arrival"].astype("int64")
     if previous is not None:
         new = pd.concat([previous, new[~new.index.isin(previous.index)]])
     return new.sort_index()
 
 
-def write_state(path: str | Path, state: pd.Series, p: Split) -> None:
+def write_state(path: str | Path, state: pd.DataFrame, p: Split) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write(STATE_HEADER + json.dumps(definition(p), sort_keys=True) + "\n")
-        state.rename("assigned").rename_axis("id").reset_index().to_csv(fh, index=False, lineterminator="\n")
+        state[STATE_COLUMNS[1:]].rename_axis("id").reset_index().to_csv(fh, index=False, lineterminator="\n")
+
+
+def arrivals_in_id_order(table: pd.DataFrame, split_column: str) -> pd.Series:
+    """Arrival numbers for a table that has none (a state or split table made before they were
+    kept, or by hand): each split's images numbered in id order, as a first run numbers them."""
+    return table.groupby(split_column)["id"].rank(method="first").astype("int64") - 1
+
+
+def arrivals(out: pd.DataFrame, previous: pd.DataFrame | None) -> pd.Series:
+    """Each assigned image's arrival number: the state's, or for a new image the next free
+    numbers of its split, in id order; missing (NA) where `assigned` is empty."""
+    arrival = pd.Series(pd.NA, index=out.index, dtype="Int64")
+    if previous is not None:
+        arrival[:] = out["id"].map(previous["arrival"]).astype("Int64")
+    for name in SPLITS:
+        new = (out["assigned"] == name) & arrival.isna()
+        if not new.any():
+            continue
+        taken = previous.loc[previous["assigned"] == name, "arrival"] if previous is not None else ()
+        start = int(taken.max()) + 1 if len(taken) else 0
+        arrival[new] = start + out.loc[new, "id"].rank(method="first").astype("int64") - 1
+    return arrival
 
 
 # --- the assignment ----------------------------------------------------------------------------
@@ -221,9 +258,10 @@ def cap(out: pd.DataFrame, name: str, limit: int) -> None:
         set_aside(out, mask & ~keep_first(out, mask, limit), "cap", f"{name} capped at {limit} images per class")
 
 
-def assign(frame: pd.DataFrame, p: Split, previous: pd.Series | None = None) -> pd.DataFrame:
-    """The accepted manifest with `bucket` (of the image's own id), `assigned`, `split` and `reason`
-    columns, given the `previous` assignment by id (None: no state): the pure core of the stage."""
+def assign(frame: pd.DataFrame, p: Split, previous: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The accepted manifest with `bucket` (of the image's own id), `assigned`, `arrival`, `split`
+    and `reason` columns, given the `previous` state by id (None: no state): the pure core of the
+    stage."""
     out = frame.reset_index(drop=True)
     # an accepted list without groups (written by hand, say) splits image by image
     group = out["group"] if "group" in out.columns else out["id"]
@@ -234,8 +272,9 @@ def assign(frame: pd.DataFrame, p: Split, previous: pd.Series | None = None) -> 
     else:
         wanted, carved = source_assign(out, group_bucket, p)
         keys = group + "/" + out["source_split"]
-    prior = out["id"].map(previous) if previous is not None else pd.Series(pd.NA, index=out.index, dtype=object)
+    prior = out["id"].map(previous["assigned"]) if previous is not None else pd.Series(pd.NA, index=out.index, dtype=object)
     out["assigned"] = inherit(prior, wanted, keys)
+    out["arrival"] = arrivals(out, previous)
     out["split"] = out["assigned"]
     out["reason"] = ""
 

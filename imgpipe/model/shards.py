@@ -3,7 +3,8 @@
 Layout of a shard folder (written by `preprocess`, read by `rebalance`, `train`, `evaluate`):
 
     meta.json                   shapes, dtype, classes, counts per split, file names, the train split's
-                                mean/std, and under `preprocess` every param that decided the pixels
+                                mean/std, under `preprocess` every param that decided the pixels, and
+                                per file (`shards`) its image count and a digest of its members
     train-00000.tfrecord ...    one tf.train.Example per image:
                                   image: raw float16 bytes, shape [height, width, channels]
                                   label: int64 class index into meta["classes"]
@@ -12,15 +13,25 @@ Layout of a shard folder (written by `preprocess`, read by `rebalance`, `train`,
 
 float16 halves the disk and read cost of float32; preprocessed pixels are in small ranges
 (0-1, or standardised), where float16 keeps three significant digits.
+
+Which file an image is in follows from its split and its arrival number alone (the split
+state's, imgpipe/data/splitting.py): `<split>-<arrival // images_per_shard>`, records in arrival
+order. Images that arrive later land in new files; a removed image changes only its own file.
+So after the data grows by 1%, preprocess (`layout`, `kept`) rewrites about 1% of the files and
+leaves the rest as they are, bytes and modification times (DVC then does not hash them again),
+and a file it rewrites takes the pixels of the images it already held from the old file
+(`stored_images`) instead of decoding them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from imgpipe.core.errors import StageError
 
@@ -29,12 +40,91 @@ STORE_DTYPE = np.float16
 
 
 def pixel_params(p) -> dict:
-    """Every preprocess param that decides a shard's pixels (how many images a file holds does not)."""
-    return {k: v for k, v in dataclasses.asdict(p).items() if k != "images_per_shard"}
+    """Every preprocess param that decides a shard's pixels (how many images a file holds does not),
+    as meta.json holds them (lists, not tuples), so the two compare equal."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(p).items() if k != "images_per_shard"}))
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.tfrecord"
+
+
+def layout(frame: pd.DataFrame, index: dict[str, int], per_shard: int, splits=("train", "val", "test")) -> dict[str, pd.DataFrame]:
+    """File name -> the images it holds (id, label index `y`, path, arrival), in arrival order;
+    files in split order, then by number. `frame` holds the images in use: id, label, path,
+    split and arrival."""
+    files = {}
+    for split in splits:
+        rows = frame[frame["split"] == split].sort_values("arrival")
+        rows = rows.assign(y=rows["label"].map(index))[["id", "y", "path", "arrival"]]
+        for number, members in rows.groupby(rows["arrival"] // per_shard, sort=True):
+            files[shard_name(split, int(number))] = members.reset_index(drop=True)
+    return files
+
+
+def members_digest(members: pd.DataFrame) -> str:
+    """What decides a file's records, but for the pixels: each image's id, label index and path, in order."""
+    text = "".join(f"{i}\t{y}\t{p}\n" for i, y, p in zip(members["id"], members["y"], members["path"]))
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def previous_meta(folder: str | Path) -> dict | None:
+    """The meta.json a finished earlier run left in `folder`; None if there is none (a first run,
+    or an update killed half-way: it deletes meta.json before it changes any file)."""
+    try:
+        return json.loads((Path(folder) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def kept(folder: str | Path, files: dict[str, pd.DataFrame], old: dict | None) -> set[str]:
+    """The files of `files` that an earlier run with the same pixels already wrote as they are
+    now: same members, same labels and paths. `old` is that run's meta.json, None if its pixels
+    differ (other params, another train mean/std) or there was none."""
+    if old is None:
+        return set()
+    digests = {name: entry["members"] for name, entry in old.get("shards", {}).items()}
+    return {name for name, members in files.items()
+            if digests.get(name) == members_digest(members) and (Path(folder) / name).is_file()}
+
+
+def stored_images(paths) -> dict[bytes, bytes]:
+    """Image id -> the stored pixel bytes of every record in the TFRecord files `paths` (those that exist)."""
+    import tensorflow as tf
+
+    found = {}
+    paths = [str(p) for p in paths if Path(p).is_file()]
+    if not paths:
+        return found
+    spec = _spec(tf, ("id", "image"))  # the pixels as stored, not decoded
+    for batch in tf.data.TFRecordDataset(paths).batch(512).map(lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
+        found.update(zip(batch["id"].tolist(), batch["image"].tolist()))
+    return found
+
+
+def write_file(path: str | Path, records) -> None:
+    """One TFRecord file of `records`: (pixel bytes, label index, id, path) each."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for pixels, label, image_id, source_path in records:
+            writer.write(example(tf, pixels, label, image_id, source_path))
+
+
+def pixel_bytes(image: np.ndarray) -> bytes:
+    return np.ascontiguousarray(image, dtype=STORE_DTYPE).tobytes()
+
+
+def example(tf, pixels: bytes, label: int, image_id: str, path: str) -> bytes:
+    """One image's serialized tf.train.Example."""
+    feature = {
+        "image": _bytes_feature(tf, pixels),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "id": _bytes_feature(tf, image_id.encode()),
+        "path": _bytes_feature(tf, path.encode("utf-8", "surrogateescape")),
+    }
+    # deterministic=True: protobuf map fields (the features) otherwise serialise in any order
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 class ShardWriter:
@@ -56,15 +146,7 @@ class ShardWriter:
             name = shard_name(self.split, len(self.files))
             self.files.append(name)
             self._writer = tf.io.TFRecordWriter(str(self.folder / name))
-        feature = {
-            "image": _bytes_feature(tf, np.ascontiguousarray(image, dtype=STORE_DTYPE).tobytes()),
-            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-            "id": _bytes_feature(tf, image_id.encode()),
-            "path": _bytes_feature(tf, path.encode()),
-        }
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        # deterministic=True: protobuf map fields (the features) otherwise serialise in any order
-        self._writer.write(example.SerializeToString(deterministic=True))
+        self._writer.write(example(tf, pixel_bytes(image), label, image_id, path))
         self.count += 1
 
     def _close_current(self) -> None:

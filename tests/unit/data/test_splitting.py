@@ -260,7 +260,7 @@ def test_removed_images_are_remembered_so_a_returning_image_keeps_its_split():
     state = next_state(None, first)
     without = data[data["id"] != test_id]
     state = next_state(state, assign(without, HASH, state))
-    assert state[test_id] == "test"
+    assert state.loc[test_id, "assigned"] == "test"
     # it comes back as a near-copy of a training image: it keeps test, and the training image steps aside
     train_id = ids_in(data, "train")[0]
     back = data.assign(group=data["id"])
@@ -295,10 +295,26 @@ def test_the_state_round_trips_and_a_broken_one_is_a_clear_error(tmp_path):
     assert back.to_dict() == state.to_dict() and back.index.is_monotonic_increasing
     for text, message in [("id,assigned\nabc,train\n", "not a split state"),
                           (path.read_text().replace("id,assigned", "id,split"), "a split state has columns id,assigned"),
-                          (path.read_text() + "abc,holdout\n", "rows are not one image id with train, val or test")]:
+                          (path.read_text() + "abc,holdout,100\n", "rows are not one image id with train, val or test"),
+                          (path.read_text() + "abc,train,-1\n", "and its own arrival number"),
+                          (path.read_text() + "abc,train,0\n", "and its own arrival number")]:
         path.write_text(text)
         with pytest.raises(StageError, match=f"{message}.*delete it and run `dvc repro split`"):
             read_state(path)
+
+
+def test_a_state_made_before_arrivals_were_kept_numbers_each_split_in_id_order(tmp_path):
+    path = tmp_path / "state.csv"
+    path.write_text('# imgpipe split state, made with {"method": "hash", "test_buckets": [0, 85], "val_buckets": [86, 170]}\n'
+                    "id,assigned\nc,train\na,train\nb,test\nd,val\n")
+    _, state = read_state(path)
+    assert state.sort_index().to_dict("index") == {
+        "a": {"assigned": "train", "arrival": 0}, "b": {"assigned": "test", "arrival": 0},
+        "c": {"assigned": "train", "arrival": 1}, "d": {"assigned": "val", "arrival": 0}}
+    grown = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "label": "x", "path": list("abcde")})
+    out = assign(grown, HASH, state).set_index("id")
+    assert out.loc[["a", "b", "c", "d"], "arrival"].tolist() == [0, 0, 1, 0]
+    assert out.loc["e", "arrival"] == (2 if out.loc["e", "assigned"] == "train" else 1)
 
 
 def test_a_change_of_the_splits_definition_starts_afresh(tmp_path, caplog):

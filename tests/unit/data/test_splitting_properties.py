@@ -108,6 +108,7 @@ def test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_traine
     for label, where in start:
         world.make(label, layout[where % len(layout)])
     ever: dict[str, str] = {}  # the first assignment each image got
+    arrived: dict[str, tuple[str, int]] = {}  # and its first (split, arrival number)
     state = None
     for step in range(len(history) + 1):
         if step:
@@ -131,6 +132,17 @@ def test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_traine
         for image_id, value in assigned.items():
             if value:
                 assert ever.setdefault(image_id, value) == value, f"step {step}: {image_id} moved"
+        # an arrival number is given once, never changes, never goes to two images of a split, and a
+        # new image's is above every number its split gave before (so it lands in a new shard)
+        numbered = out[out["assigned"].fillna("") != ""]
+        assert out.loc[out["assigned"].fillna("") == "", "arrival"].isna().all()
+        rows = list(zip(numbered["id"], numbered["assigned"], numbered["arrival"].astype(int)))
+        for image_id, split, number in rows:
+            if image_id not in arrived:
+                assert all(number > n for s, n in arrived.values() if s == split), f"step {step}: {image_id} {number}"
+        for image_id, split, number in rows:
+            assert arrived.setdefault(image_id, (split, number)) == (split, number), f"step {step}: {image_id} {number}"
+        assert len(set(arrived.values())) == len(arrived)
         # `split` is the assignment or nothing: an image is never used in another split
         assert ((out["split"] == out["assigned"]) | (out["split"] == "unused")).all()
         assert set(out["split"]) <= {*SPLITS, "unused"}
