@@ -25,10 +25,12 @@ How a new image is assigned:
 What is set aside (`split` unused), never moved:
 
 - `balance` (`split.balance`): in a split chosen by hash (hash: val and test; source: a carved
-  one), each class keeps as many images as the smallest class has there, lowest ids first, so
-  per-class metrics are not skewed by class sizes. A split the source gave is never trimmed.
+  one), each class keeps as many images as the smallest class has there, first arrived first
+  (see `arrival` below; on a first run, lowest ids first), so per-class metrics are not skewed by
+  class sizes, and an image evaluated once stays evaluated while the data grows. A split the
+  source gave is never trimmed.
 - `cap` (`split.max_train_per_class` / `max_val_per_class`): a split's images beyond the cap, per
-  class, lowest ids first.
+  class, first arrived first.
 - `near_duplicate`: a train image in a near-duplicate group that also holds images used in val
   or test (groups merged by a new linking image, or by a larger `validate.near_duplicate_distance`
   after the images were assigned): its near-copies are evaluated, so it is not trained on.
@@ -225,8 +227,10 @@ def inherit(prior: pd.Series, wanted: pd.Series, keys: pd.Series) -> pd.Series:
 
 
 def keep_first(frame: pd.DataFrame, mask: pd.Series, per_class: int) -> pd.Series:
-    """Of the rows in `mask`, which are among the first `per_class` of their class by id."""
-    rows = frame.loc[mask].sort_values("id")
+    """Of the rows in `mask`, which are among the first `per_class` of their class to arrive (by
+    arrival number, which is id order within a run): images in use stay in use as the data grows,
+    and new ones wait for room."""
+    rows = frame.loc[mask].sort_values(["arrival", "id"])
     rank = rows.groupby("label").cumcount()
     keep = pd.Series(False, index=frame.index)
     keep[rank.index] = rank < per_class
