@@ -30,7 +30,7 @@ from pathlib import Path
 from imgpipe.core.atomic_write import write_csv, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.hashing import file_hexdigest
-from imgpipe.core.params import Evaluate, Ingest, Paths
+from imgpipe.core.params import Evaluate, Ingest, Paths, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.evaluation import gate, scoring
 from imgpipe.model import export, shards
@@ -38,11 +38,13 @@ from imgpipe.model.inference import load_model, predict_split
 from imgpipe.reports import evaluation as report
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
-SECTIONS = ("evaluate", "paths", "ingest")
+SECTIONS = ("evaluate", "paths", "ingest", "runtime")
 log = logging.getLogger(__name__)
+# under runtime.train_cache_dir: each test shard file's predictions, per model (imgpipe/model/inference.py)
+PREDICTIONS = "predictions"
 
 
-def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
+def run(p: Evaluate, paths: Paths, ingest: Ingest, runtime: Runtime | None = None) -> None:
     folder = Path(paths.shards)
     meta = shards.read_meta(folder)
     classes = meta["classes"]
@@ -50,14 +52,16 @@ def run(p: Evaluate, paths: Paths, ingest: Ingest) -> None:
         raise StageError(f"{folder}: the shards hold no test images")
     model_path = Path(paths.model)
     model = load_model(model_path, meta)
+    model_md5 = file_hexdigest(model_path, "md5")
 
-    predictions, probs = predict_split(model, folder, meta)
+    cache = Path(runtime.train_cache_dir) / PREDICTIONS if runtime and runtime.train_cache_dir else None
+    predictions, probs = predict_split(model, folder, meta, cache=cache, model_digest=model_md5)
     labels, predicted = predictions["label"].to_numpy(), predictions["predicted"].to_numpy()
     metrics = scoring.metrics_report(labels, predicted, predictions["p_true"].to_numpy(), classes)
     roc, pr, areas = scoring.ranking(probs, labels)
     metrics.update(areas)
 
-    model_md5, test_set = file_hexdigest(model_path, "md5"), scoring.ids_fingerprint(predictions["id"])
+    test_set = scoring.ids_fingerprint(predictions["id"])
     baseline = gate.baseline(gate.read_blessed(p.blessed_file), model_md5)
     metrics["gate"] = gate.judge(metrics, p, baseline, test_set)
 

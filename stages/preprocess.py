@@ -129,16 +129,19 @@ def update(source: Source, folder: Path, files: dict[str, pd.DataFrame], keep: s
             stored = {}
             if old is not None and old_per_shard:
                 olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
-                stored = shards.stored_images(folder / n for n in sorted(olds) if n in old["shards"])
+                stored = shards.stored_records(folder / n for n in sorted(olds) if n in old["shards"])
             records = []
             for image_id, y, path in zip(members["id"], members["y"], members["path"]):
-                pixels = stored.get(image_id.encode())
-                if pixels is None:
+                found = stored.get(image_id)
+                if found is None:
                     pixels = shards.pixel_bytes(normalize(transform(load(source, path), p), p, mean, std))
+                    records.append((pixels, y, image_id, path))
                     decoded += 1
-                else:
+                else:  # the same pixels: the record as it was, or with its new label or path
+                    record, old_y, old_path = found
+                    records.append(record if (old_y, old_path) == (y, path) else
+                                   (shards.stored_pixels(record), y, image_id, path))
                     reused += 1
-                records.append((pixels, y, image_id, path))
                 bar.update()
             with atomic_path(folder / name) as tmp:
                 shards.write_file(tmp, records)

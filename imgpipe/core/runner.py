@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from types import ModuleType
 
 from imgpipe.core.errors import StageError
@@ -31,9 +32,12 @@ def stage_main(stage: ModuleType, argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{name}: %(message)s")
+    started = time.perf_counter()
     try:
         run_stage(stage, load_params(args.params))
     except (ParamsError, StageError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
+    # the stage's own work; start-up and imports (seconds for Great Expectations or TensorFlow) not counted
+    logging.getLogger(name).info("done in %.2f s", time.perf_counter() - started)
     return 0

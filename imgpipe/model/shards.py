@@ -19,8 +19,8 @@ state's, imgpipe/data/splitting.py): `<split>-<arrival // images_per_shard>`, re
 order. Images that arrive later land in new files; a removed image changes only its own file.
 So after the data grows by 1%, preprocess (`layout`, `kept`) rewrites about 1% of the files and
 leaves the rest as they are, bytes and modification times (DVC then does not hash them again),
-and a file it rewrites takes the pixels of the images it already held from the old file
-(`stored_images`) instead of decoding them again.
+and a file it rewrites copies the records of the images it already held from the old file
+(`stored_records`) instead of decoding them again.
 """
 
 from __future__ import annotations
@@ -88,27 +88,39 @@ def kept(folder: str | Path, files: dict[str, pd.DataFrame], old: dict | None) -
             if digests.get(name) == members_digest(members) and (Path(folder) / name).is_file()}
 
 
-def stored_images(paths) -> dict[bytes, bytes]:
-    """Image id -> the stored pixel bytes of every record in the TFRecord files `paths` (those that exist)."""
+def stored_records(paths) -> dict[str, tuple[bytes, int, str]]:
+    """Image id -> (the serialized record, its label index, its path) of every record in the
+    TFRecord files `paths` (those that exist). Only ids, labels and paths are parsed: a record
+    kept as it is is copied, not decoded and serialized again."""
     import tensorflow as tf
 
     found = {}
     paths = [str(p) for p in paths if Path(p).is_file()]
     if not paths:
         return found
-    spec = _spec(tf, ("id", "image"))  # the pixels as stored, not decoded
-    for batch in tf.data.TFRecordDataset(paths).batch(512).map(lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
-        found.update(zip(batch["id"].tolist(), batch["image"].tolist()))
+    spec = _spec(tf, ("id", "label", "path"))
+    for serialized in tf.data.TFRecordDataset(paths).batch(512).as_numpy_iterator():
+        ex = tf.io.parse_example(serialized, spec)
+        for record, image_id, label, path in zip(serialized.tolist(), ex["id"].numpy().tolist(),
+                                                 ex["label"].numpy().tolist(), ex["path"].numpy().tolist()):
+            found[image_id.decode()] = (record, label, path.decode("utf-8", "surrogateescape"))
     return found
 
 
+def stored_pixels(record: bytes) -> bytes:
+    """The pixel bytes of one serialized record."""
+    import tensorflow as tf
+
+    return tf.train.Example.FromString(record).features.feature["image"].bytes_list.value[0]
+
+
 def write_file(path: str | Path, records) -> None:
-    """One TFRecord file of `records`: (pixel bytes, label index, id, path) each."""
+    """One TFRecord file of `records`, each serialized (bytes) or (pixel bytes, label index, id, path)."""
     import tensorflow as tf
 
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for pixels, label, image_id, source_path in records:
-            writer.write(example(tf, pixels, label, image_id, source_path))
+        for record in records:
+            writer.write(record if isinstance(record, bytes) else example(tf, *record))
 
 
 def pixel_bytes(image: np.ndarray) -> bytes:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from imgpipe.core.params import Paths
+from imgpipe.model import shards
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,8 @@ SMALL_RUN = {
     "train.backbone_size": 64,
     "train.epochs": 2,
     "train.batch_size": 16,
+    # several files per split, so that what an update leaves untouched shows
+    "preprocess.images_per_shard": 16,
 }
 
 
@@ -68,15 +71,19 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    keras_home = tmp_path_factory.mktemp("keras")
-    (keras_home / "models").mkdir()
+def stage_env(keras_home: Path) -> dict:
+    """What the stages run with: the offline ImageNet weights in `keras_home`, this Python first on PATH."""
+    (keras_home / "models").mkdir(parents=True, exist_ok=True)
     (keras_home / "models" / WEIGHTS.name).symlink_to(WEIGHTS)
     venv_bin = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "KERAS_HOME": str(keras_home),
             "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return stage_env(tmp_path_factory.mktemp("keras"))
 
 
 def make_origin(root: Path, env: dict) -> Path:
@@ -127,7 +134,9 @@ def test_first_repro_runs_every_stage_and_evaluates(repo):
     assert set(metrics["per_class"]) == set(CLASSES)
     assert (clone / "models" / "model.keras").stat().st_size > 100_000
     summary = json.loads((clone / "reports" / "data_quality" / "summary.json").read_text())
-    assert summary["inputs"] == sum(CLASSES.values()) == summary["ingested"] + summary["quarantined"]
+    quarantine = (clone / "reports" / "data_quality" / "quarantine.csv").read_text()
+    # the photos the test copied (counted by it), none of them bad: an empty quarantine list
+    assert (summary["inputs"], summary["quarantined"], quarantine) == (sum(CLASSES.values()), 0, "path,reason,detail\n")
     confusion = (clone / "reports" / "confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) - 1 == metrics["num_test"]
 
@@ -176,6 +185,12 @@ def test_dvc_status_sees_a_change_to_the_raw_images(repo, env):
     assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["ingest", "validate", "split"]
 
 
+def shard_files(clone: Path) -> dict:
+    """Each file of the shard folder: name -> (inode, mtime in ns, bytes)."""
+    folder = clone / Paths().shards
+    return {e.name: (e.stat().st_ino, e.stat().st_mtime_ns, e.read_bytes()) for e in folder.iterdir()}
+
+
 def test_new_raw_images_never_move_an_assigned_image(repo, env):
     """The nightly promise: images added to the raw folder are assigned, and no image assigned
     before changes `assigned` (split's state, a persist output, carries it from run to run)."""
@@ -185,7 +200,8 @@ def test_new_raw_images_never_move_an_assigned_image(repo, env):
     def table() -> pd.DataFrame:
         return pd.read_csv(clone / paths.split, dtype=str, keep_default_na=False).set_index("id")
 
-    before = table()
+    dvc(clone, env, "repro", "preprocess")  # the shards of the data as it is before the new photos
+    before, shards_before = table(), shard_files(clone)
     raw = clone / "data" / "raw" / "flowers-small"
     for cls, n in CLASSES.items():  # 5 new photos a class, never used by the other tests
         for f in sorted((FLOWERS / cls).glob("*.jpg"))[n + 10:n + 15]:
@@ -197,10 +213,23 @@ def test_new_raw_images_never_move_an_assigned_image(repo, env):
     assert (after.loc[before.index, "assigned"] == before["assigned"]).all()
     assert ((after["split"] == after["assigned"]) | (after["split"] == "unused")).all()
     state = (clone / paths.split_state).read_text().splitlines()
-    assert state[0].startswith("# imgpipe split state, made with") and state[1] == "id,assigned"
+    assert state[0].startswith("# imgpipe split state, made with") and state[1] == "id,assigned,arrival"
     assert {line.split(",")[0] for line in state[2:]} == set(after.index)
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["split"]
     assert {o["path"] for o in lock["outs"]} == {paths.split, paths.split_state}
+
+    # preprocess writes only the files the new images go to (their split's arrival numbers); the
+    # others keep their bytes, inode and modification time through DVC's run and commit
+    assert ran_stages(dvc(clone, env, "repro", "preprocess").stdout) == ["preprocess"]
+    shards_now = shard_files(clone)
+
+    def placed(t: pd.DataFrame) -> set:  # (image, its file) by the documented layout
+        return {(i, shards.shard_name(s, int(a) // 16)) for i, s, a in zip(t.index, t["split"], t["arrival"]) if s != "unused"}
+
+    written = {name for _, name in placed(before) ^ placed(after)}  # the files whose images changed
+    changed = {n for n in shards_now if n != shards.META and shards_now[n] != shards_before.get(n)}
+    assert changed == written and len(written) < len(shards_now) - 1, (changed, written, sorted(shards_now))
+    assert len(shards_now) - 1 == sum(len(v) for v in shards.read_meta(clone / paths.shards)["files"].values())
     # the documented reset: delete the state, and DVC runs split again (not restored from its run-cache)
     (clone / paths.split_state).unlink()
     assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["split"]

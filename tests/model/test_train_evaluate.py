@@ -25,6 +25,7 @@ from imgpipe.core.errors import StageError
 from imgpipe.core.params import Preprocess, params_from_dict
 from imgpipe.model import shards
 from imgpipe.model.shards import ShardWriter
+from tests.model.mnist_run import PLAIN_RECIPE
 
 # trains a real model: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def write_rebalance(folder: Path, train_ids: list[tuple[str, int]], method="none
 
 
 def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_params):
-    settings = {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01}
+    settings = {**PLAIN_RECIPE, "backbone": "mobilenet", "weights": str(WEIGHTS), "backbone_size": 64, "epochs": 2, "batch_size": 32, "learning_rate": 0.01}
     return params_from_dict(
         {
             "paths": {
@@ -256,3 +257,36 @@ def test_missing_inputs_are_stage_errors_naming_them(data, tmp_path):
         run_stage(train, make_params(folder / "shards", tmp_path))
     with pytest.raises(StageError, match=str(tmp_path / "models" / "model.keras")):
         run_stage(evaluate, make_params(folder / "shards", tmp_path))
+
+
+def test_evaluate_with_the_same_model_again_predicts_only_files_it_has_not_seen(trained, caplog):
+    """runtime.train_cache_dir keeps each test file's predictions per model: a second evaluate
+    with the same model reads them; the numbers are those the model gives."""
+    import logging
+
+    from imgpipe.model.inference import load_model, predict_split
+
+    params, _ = trained
+    reports = Path(params.paths.reports)
+    with caplog.at_level(logging.INFO, logger="imgpipe.model.inference"):
+        evaluate.run(params.evaluate, params.paths, params.ingest, params.runtime)
+        first = (reports / "confusion.csv").read_text(), (reports / "evaluation" / "predictions.csv").read_text()
+        assert "predictions: 2 of 2 test files computed" in caplog.text, caplog.text
+        caplog.clear()
+        evaluate.run(params.evaluate, params.paths, params.ingest, params.runtime)
+        assert "predictions: 0 of 2 test files computed" in caplog.text, caplog.text
+    assert ((reports / "confusion.csv").read_text(), (reports / "evaluation" / "predictions.csv").read_text()) == first
+
+    folder = Path(params.paths.shards)
+    meta = shards.read_meta(folder)
+    model = load_model(Path(params.paths.model), meta)
+    cached, cached_probs = predict_split(model, folder, meta, cache=Path(params.runtime.train_cache_dir) / evaluate.PREDICTIONS,
+                                         model_digest=training_md5(params))
+    fresh, fresh_probs = predict_split(model, folder, meta)
+    np.testing.assert_array_equal(cached_probs, fresh_probs)
+    pd.testing.assert_frame_equal(cached, fresh)
+    assert len(fresh) == sum(PER_CLASS["test"] for _ in DIGITS)
+
+
+def training_md5(params) -> str:
+    return hashlib.md5(Path(params.paths.model).read_bytes()).hexdigest()
