@@ -9,56 +9,53 @@ An update deletes meta.json before it changes a file and writes it last, so a ru
 half-way leaves a folder the next run rebuilds whole.
 With `standardize_scope: dataset`, a first streaming pass over train gives the mean and std
 (skipped when train holds the same images as last time); a new mean changes every file.
+Images are decoded and transformed on `runtime.workers` processes, or on a Dask cluster with
+`runtime.executor: dask` (imgpipe/data/parallel.py, imgpipe/model/encoding.py): same bytes.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.errors import StageError
-from imgpipe.core.params import Ingest, Paths, Preprocess
+from imgpipe.core.params import Ingest, Paths, Preprocess, Runtime
 from imgpipe.core.runner import stage_main
+from imgpipe.data.ingestion import available_cores
 from imgpipe.data.manifest import read_split
+from imgpipe.data.parallel import Batches
 from imgpipe.data.sources import Source
 from imgpipe.data.splitting import arrivals_in_id_order
-from imgpipe.images.transforms import ChannelStats, normalize, transform
-from imgpipe.model import shards
+from imgpipe.images.transforms import ChannelStats
+from imgpipe.model import encoding, shards
 
 SPLITS = ("train", "val", "test")
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
-SECTIONS = ("preprocess", "paths", "ingest")
+SECTIONS = ("preprocess", "paths", "ingest", "runtime")
 log = logging.getLogger(__name__)
 
 
-def load(source: Source, path: str) -> np.ndarray:
-    decoded = source.read_image(path)
-    if not decoded.ok:  # validate accepted it, so the file changed since: say which
-        raise StageError(f"{path}: {decoded.error} (the file changed after validation; re-run dvc repro)")
-    return decoded.image
-
-
-def train_stats(source: Source, files: dict[str, pd.DataFrame], p: Preprocess, channels: int):
+def train_stats(runner: Batches, ingest: Ingest, files: dict[str, pd.DataFrame], p: Preprocess, channels: int):
+    paths = [path for name, m in files.items() if name.startswith("train-") for path in m["path"]]
     stats = ChannelStats(channels)
-    train = [m for name, m in files.items() if name.startswith("train-")]
-    total = sum(len(m) for m in train)
-    with tqdm(total=total, desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
-        for members in train:
-            for path in members["path"]:
-                stats.add(transform(load(source, path), p))
-                bar.update()
+    jobs = ((ingest, p, channels, batch) for batch in encoding.batches(paths))
+    with tqdm(total=len(paths), desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
+        for part in runner.map(encoding.channel_sums, jobs):  # in order: the same sums whatever runs them
+            stats.merge(part)
+            bar.update(part.n // (p.size[0] * p.size[1]))
     return stats.mean_std()
 
 
-def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
+def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = None) -> None:
+    runtime = runtime or Runtime()
     frame = read_split(paths.split)
     if "arrival" not in frame.columns:
         frame["arrival"] = arrivals_in_id_order(frame, "split")
@@ -75,7 +72,9 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
     if old is not None and old.get("preprocess") != shards.pixel_params(p):
         old = None  # other pixels: nothing of the old files can be kept
 
-    with Source.from_params(ingest) as source:
+    Source.from_params(ingest).close()  # a missing or unreadable source: an error before any work
+    workers = runtime.workers or available_cores()
+    with Batches(runtime.executor, workers, runtime.scheduler) as runner:
         mean = std = None
         if p.normalization == "standardize" and p.standardize_scope == "dataset":
             same_train = old is not None and {n: d for n, d in digests.items() if n.startswith("train-")} == {
@@ -84,7 +83,7 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
                 mean, std = old["mean"], old["std"]
                 log.info("train unchanged: its mean and std as last run's, %s and %s", mean, std)
             else:
-                mean, std = train_stats(source, files, p, channels)
+                mean, std = train_stats(runner, ingest, files, p, channels)
                 log.info("train mean and std of %d images: %s and %s", (used["split"] == "train").sum(), mean, std)
         if old is not None and (old.get("mean"), old.get("std")) != (mean, std):
             old = None
@@ -107,7 +106,7 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
             return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / shards.META).unlink(missing_ok=True)  # from here on, the folder is not a finished run's
-        update(source, folder, files, keep, old, p, mean, std)
+        update(runner, ingest, folder, files, keep, old, p, mean, std)
         for entry in stale:  # files of no image any more, and what a killed run left
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
         write_json(folder / shards.META, meta)
@@ -115,38 +114,55 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest) -> None:
         log.info("%s: %d images in %d shards", s, meta["counts"][s], len(meta["files"][s]))
 
 
-def update(source: Source, folder: Path, files: dict[str, pd.DataFrame], keep: set[str], old: dict | None,
-           p: Preprocess, mean, std) -> None:
-    """Write every file of `files` not in `keep`, each image's pixels from the old files when they
-    hold it with the same pixels (`old` is not None), else decoded from the source."""
+def update(runner: Batches, ingest: Ingest, folder: Path, files: dict[str, pd.DataFrame], keep: set[str],
+           old: dict | None, p: Preprocess, mean, std) -> None:
+    """Write every file of `files` not in `keep`: the records the old files hold with the same
+    pixels (`old` is not None) copied, the other images decoded by `runner`'s workers. The next
+    file's images are sent to the workers before this file's are waited for."""
     todo = [name for name in files if name not in keep]
     old_per_shard = (old or {}).get("images_per_shard")
+
+    def start(name: str):
+        members, split = files[name], name.split("-")[0]
+        stored = {}
+        if old is not None and old_per_shard:
+            olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
+            stored = shards.stored_records(folder / n for n in sorted(olds) if n in old["shards"])
+        missing = [path for image_id, path in zip(members["id"], members["path"]) if image_id not in stored]
+        handles = [runner.submit(encoding.encode, (ingest, p, mean, std, batch)) for batch in encoding.batches(missing)]
+        return name, members, stored, handles
+
     decoded = reused = 0
+    started = collections.deque()
+    upcoming = iter(todo)
     with tqdm(total=sum(len(files[n]) for n in todo), desc="shards", unit="img", mininterval=2, disable=None) as bar:
-        for name in todo:
-            members = files[name]
-            split = name.split("-")[0]
-            stored = {}
-            if old is not None and old_per_shard:
-                olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
-                stored = shards.stored_records(folder / n for n in sorted(olds) if n in old["shards"])
+        for name in upcoming:
+            started.append(start(name))
+            break
+        while started:
+            following = next(upcoming, None)
+            if following is not None:
+                started.append(start(following))
+            name, members, stored, handles = started.popleft()
+            fresh = iter([pixels for h in handles for pixels in runner.result(h)])
             records = []
             for image_id, y, path in zip(members["id"], members["y"], members["path"]):
                 found = stored.get(image_id)
                 if found is None:
-                    pixels = shards.pixel_bytes(normalize(transform(load(source, path), p), p, mean, std))
-                    records.append((pixels, y, image_id, path))
+                    records.append((next(fresh), y, image_id, path))
                     decoded += 1
                 else:  # the same pixels: the record as it was, or with its new label or path
                     record, old_y, old_path = found
                     records.append(record if (old_y, old_path) == (y, path) else
                                    (shards.stored_pixels(record), y, image_id, path))
                     reused += 1
-                bar.update()
+            bar.update(len(records))
             with atomic_path(folder / name) as tmp:
                 shards.write_file(tmp, records)
     log.info("%d of %d shard files kept as they were; %d rewritten: %d images decoded, %d taken from the old files",
              len(keep), len(files), len(todo), decoded, reused)
+    if runner.where:
+        log.info("decoded on %d Dask workers: %s", len(runner.where), dict(sorted(runner.where.items())))
 
 
 def main(argv=None) -> int:

@@ -56,11 +56,15 @@ class Ingest:
 class Runtime:
     """How fast the stages run, never what they write: no stage lists this section in dvc.yaml."""
 
-    # ingest's worker processes (0 = one per CPU core)
+    # ingest's and preprocess's worker processes (0 = one per CPU core)
     workers: int = 0
+    # where preprocess's per-image work runs: local (a process pool) | dask (a Dask cluster: the one
+    # at `scheduler`, e.g. tcp://10.0.0.5:8786, or with "" a local cluster of `workers` processes)
+    executor: Literal["local", "dask"] = "local"
+    scheduler: str = ""
     # what ingest learnt of each file, kept between runs ("" = off); see imgpipe/data/facts_cache.py
     ingest_cache_dir: str = ".cache/ingest"
-    # cached backbone features and the state of unfinished training runs
+    # cached backbone features, the state of unfinished training runs, evaluate's predictions
     train_cache_dir: str = ".cache/train"
 
     def check(self) -> None:

@@ -73,6 +73,12 @@ class ChannelStats:
         self.total += flat.sum(axis=0)
         self.total_sq += np.square(flat).sum(axis=0)
 
+    def merge(self, other: "ChannelStats") -> None:
+        """Add the sums of another part of the data (a worker's batch)."""
+        self.n += other.n
+        self.total += other.total
+        self.total_sq += other.total_sq
+
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.total / self.n
         std = np.sqrt(np.maximum(self.total_sq / self.n - np.square(mean), 0.0))

@@ -46,8 +46,9 @@ class World:
         out.to_csv(self.tmp / name, index=False)
         return out
 
-    def params(self, shards_folder, **preprocess):
+    def params(self, shards_folder, workers=1, **preprocess):
         return params_from_dict({
+            "runtime": {"workers": workers},
             "ingest": {"source": str(self.source)},
             "preprocess": {"size": [24, 24], "colour_mode": "rgb", "images_per_shard": 4, **preprocess},
             "paths": {"split": str(self.tmp / "split.csv"), "shards": str(self.tmp / shards_folder)}})
@@ -56,7 +57,7 @@ class World:
 def run(params, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="stages.preprocess"):
-        preprocess.run(params.preprocess, params.paths, params.ingest)
+        preprocess.run(params.preprocess, params.paths, params.ingest, params.runtime)
     return caplog.text
 
 
@@ -66,9 +67,10 @@ def files(folder):
 
 
 def same_as_from_scratch(world, folder, caplog, **preprocess_params):
+    """From nothing, and on a pool of two worker processes (the updates decode in the test's process)."""
     scratch = world.tmp / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
-    run(world.params("scratch", **preprocess_params), caplog)
+    run(world.params("scratch", workers=2, **preprocess_params), caplog)
     got, want = files(folder), files(scratch)
     assert list(got) == list(want)
     assert [n for n in got if got[n][0] != want[n][0]] == []

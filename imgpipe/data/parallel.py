@@ -1,0 +1,95 @@
+"""Per-image work in batches, on a local process pool or on a Dask cluster, results in order.
+
+`Batches(executor, workers, scheduler).map(fn, jobs)` calls `fn(*job)` for each job on a worker
+and yields the results in the order of `jobs`, with a bounded number of jobs in flight (so a
+stage streams: memory does not grow with the data); `submit` and `result` do the same one job
+at a time, for callers that keep their own window. The same function on the same jobs gives
+the same results whichever runs it, so the outputs do not depend on the executor.
+
+- local: a `concurrent.futures` process pool; its workers are started by a fork server, so they
+  never inherit the caller's threads (TensorFlow's, in preprocess).
+- dask: a `distributed.Client` on the scheduler at `scheduler` (`dask scheduler` on one machine,
+  `dask worker tcp://host:8786` on each of the others), or on a `LocalCluster` of `workers`
+  processes when it is empty. Dask retries a job whose worker died (distributed.scheduler.
+  allowed-failures, 3 by default); `fn` must be importable on the workers (install imgpipe there).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import multiprocessing
+from typing import Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+class Batches:
+    def __init__(self, executor: str = "local", workers: int = 1, scheduler: str = ""):
+        self.executor, self.workers, self.scheduler = executor, max(workers, 1), scheduler
+        self._pool = self._client = self._cluster = None
+        self.where: collections.Counter = collections.Counter()  # jobs done per Dask worker address
+
+    def __enter__(self) -> "Batches":
+        if self.executor == "dask":
+            from distributed import Client, LocalCluster
+
+            if self.scheduler:
+                self._client = Client(self.scheduler)
+            else:
+                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                             dashboard_address=None)
+                self._client = Client(self._cluster)
+            self.workers = max(len(self._client.scheduler_info()["workers"]), 1)
+            log.info("on the Dask cluster at %s: %d workers", self._client.scheduler.address, self.workers)
+        return self
+
+    def _local_pool(self):
+        # started at the first job, so that a run with nothing to decode starts no process
+        if self._pool is None and self.workers > 1:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        return self._pool
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator:
+        """fn(*job) for each job, in order; at most twice as many jobs in flight as workers."""
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(self.submit(fn, job))
+            if len(pending) >= 2 * self.workers:
+                yield self.result(pending.popleft())
+        while pending:
+            yield self.result(pending.popleft())
+
+    def submit(self, fn: Callable, job: tuple):
+        """Start fn(*job) (with one worker: later, in this process, when its result is asked for)."""
+        if self._client is not None:
+            # pure=False: two jobs with equal arguments are still two jobs
+            return self._client.submit(_on_worker, fn, job, pure=False)
+        if self._local_pool() is not None:
+            return self._pool.submit(fn, *job)
+        return lambda: fn(*job)
+
+    def result(self, handle):
+        """What `submit` started, once done; a job's exception is raised here."""
+        if self._client is not None:
+            address, result = handle.result()
+            self.where[address] += 1
+            return result
+        return handle() if callable(handle) else handle.result()
+
+
+def _on_worker(fn: Callable, job: tuple):
+    """fn(*job) on a Dask worker, with the worker's address (which `Batches.where` counts)."""
+    from distributed import get_worker
+
+    return get_worker().address, fn(*job)

@@ -1,0 +1,140 @@
+"""preprocess's per-image work on a Dask cluster: the same shard bytes as the local pool, with the
+images decoded on the cluster's workers; on a LocalCluster of two worker processes, and on
+`dask scheduler` + `dask worker` processes started on loopback as a user starts them on several
+machines, one of which is killed half-way."""
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+from imgpipe.core.params import Split, params_from_dict
+from imgpipe.data.splitting import assign
+from stages import preprocess
+from tests.data.test_ingest import flower_files
+from tests.e2e.helpers import eventually
+
+# starts a cluster: `make test-fast` leaves it out
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[2]
+CLASSES = ("daisy", "rose", "tulip")
+PER_CLASS = 150
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Real photos and their split table (the split's own rules, no state)."""
+    tmp = tmp_path_factory.mktemp("dask")
+    rows = []
+    for c in CLASSES:
+        (tmp / "src" / c).mkdir(parents=True)
+        for f in flower_files(PER_CLASS, c):
+            shutil.copy(f, tmp / "src" / c / f.name)
+            rows.append({"id": hashlib.sha1(f.read_bytes()).hexdigest(), "label": c, "path": f"{c}/{f.name}"})
+    assign(pd.DataFrame(rows), Split(method="hash", balance=False)).to_csv(tmp / "split.csv", index=False)
+    return tmp
+
+
+def params(world, out, **runtime):
+    # a large blur at a large size makes each image cost ~10 ms, so that a run lasts long enough to kill a worker in
+    return params_from_dict({
+        "ingest": {"source": str(world / "src")},
+        "preprocess": {"size": [320, 320], "colour_mode": "rgb", "blur_kernel": 31, "images_per_shard": 64},
+        "paths": {"split": str(world / "split.csv"), "shards": str(world / out)},
+        "runtime": runtime})
+
+
+def run(p, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        preprocess.run(p.preprocess, p.paths, p.ingest, p.runtime)
+    return caplog.text
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {e.name: e.read_bytes() for e in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def local(world):
+    p = params(world, "local", workers=2)
+    preprocess.run(p.preprocess, p.paths, p.ingest, p.runtime)
+    return folder_bytes(world / "local")
+
+
+def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, local, caplog):
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        workers = set(cluster.scheduler_info["workers"])
+        log = run(params(world, "on-cluster", executor="dask", scheduler=cluster.scheduler_address), caplog)
+    assert folder_bytes(world / "on-cluster") == local
+    assert "decoded on 2 Dask workers" in log, log
+    for address in workers:
+        assert address in log
+    assert f"{3 * PER_CLASS} images decoded" in log
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    return subprocess.Popen([str(Path(sys.executable).with_name("dask")), *args], cwd=PROJECT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_scheduler_and_worker_processes_on_loopback_survive_a_killed_worker(world, local, caplog, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                   "--scheduler-file", str(scheduler_file), log=tmp_path / "scheduler.log")]
+    try:
+        assert eventually(scheduler_file.exists, timeout=60), (tmp_path / "scheduler.log").read_text()
+        for i in range(2):
+            procs.append(start("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                               "--no-dashboard", "--host", "127.0.0.1", log=tmp_path / f"worker{i}.log"))
+        with Client(scheduler_file=str(scheduler_file)) as client:
+            assert eventually(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60)
+            address = client.scheduler.address
+
+            # a third worker joins, and is killed (SIGKILL) once it holds jobs: Dask runs them again elsewhere
+            before = set(client.scheduler_info()["workers"])
+            procs.append(start("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                               "--no-dashboard", "--host", "127.0.0.1", log=tmp_path / "victim.log"))
+            assert eventually(lambda: len(client.scheduler_info()["workers"]) == 3, timeout=60)
+            (victim_address,) = set(client.scheduler_info()["workers"]) - before
+            victim = procs[-1]
+            killed = threading.Event()
+
+            def kill_when_busy():
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not client.processing().get(victim_address):
+                    time.sleep(0.01)
+                held = client.processing().get(victim_address)
+                os.killpg(victim.pid, signal.SIGKILL)
+                if held:
+                    killed.set()
+
+            killer = threading.Thread(target=kill_when_busy, daemon=True)
+            killer.start()
+            log = run(params(world, "on-loopback", executor="dask", scheduler=address), caplog)
+            killer.join(timeout=5)
+        assert killed.is_set() and victim.poll() is not None
+        assert folder_bytes(world / "on-loopback") == local
+        assert f"{3 * PER_CLASS} images decoded" in log, log
+        assert "on the Dask cluster at tcp://127.0.0.1:" in log
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
