@@ -345,3 +345,52 @@ def test_a_dvc_repository_in_a_sub_folder_of_the_git_one(tmp_path):
     assert git(tmp_path, "show", "--name-only", "--format=", "HEAD").split() == ["sub/dvc.lock"]
     assert git(tmp_path, "status", "--porcelain").split() == ["M", "sub/params.yaml", "??", "notes.txt"]
     assert versioning.commit(str(sub), set(found.owned), "again") is None  # nothing left of DVC's
+
+
+def test_the_deployment_on_the_real_pipeline_picks_up_new_photos_and_moves_no_image(prefect_api, client, tmp_path):
+    """The seven real stages on real photos, run by the served deployment: new photos dropped into
+    the raw folder are versioned, ingested and assigned by the next run; nothing assigned before
+    changes split, and the shard files the new photos do not go to are left as they were."""
+    from tests.e2e.test_pipeline import CLASSES as SMALL, FLOWERS as ALL_FLOWERS, clone_with_small_data, make_origin, stage_env
+
+    env = stage_env(tmp_path / "keras")
+    repo = clone_with_small_data(make_origin(tmp_path, env), tmp_path / "repo", env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "small data", cwd=repo, env=env)
+    stage_names = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    raw = repo / "data" / "raw" / "flowers-small"
+
+    def split_table():
+        import pandas as pd
+
+        return pd.read_csv(repo / "data" / "interim" / "split.csv", dtype=str, keep_default_na=False).set_index("id")
+
+    def shard_files():
+        folder = repo / "data" / "shards"
+        return {e.name: (e.stat().st_ino, e.stat().st_mtime_ns) for e in folder.iterdir() if e.name != "meta.json"}
+
+    serve_env = {k: env[k] for k in ("PATH", "KERAS_HOME")}
+    with serve_deployment(prefect_api, repo, tmp_path / "serve.log", "--name", "nightly-real", env=serve_env):
+        deployment = deployment_named(client, "nightly-real")
+        first = finished(client, client.create_flow_run_from_deployment(deployment.id).id, timeout=900)
+        assert first and first.state_type == StateType.COMPLETED, first and first.state
+        before, files_before = split_table(), shard_files()
+
+        added = []
+        for cls, n in SMALL.items():  # two more photos a class, as a camera would drop them
+            for photo in sorted((ALL_FLOWERS / cls).glob("*.jpg"))[n + 20:n + 22]:
+                shutil.copy(photo, raw / cls / photo.name)
+                added.append(f"{cls}/{photo.name}")
+        second = finished(client, client.create_flow_run_from_deployment(deployment.id).id, timeout=900)
+        assert second and second.state_type == StateType.COMPLETED, second and second.state
+
+        statuses = stage_statuses(client, second.id, len(stage_names) + 1)
+        assert statuses == {"data/raw/flowers-small.dvc": "skipped", **dict.fromkeys(stage_names, "ran")}, statuses
+        subjects = git(repo, "log", "--format=%s", "-3").splitlines()
+        assert subjects[1] == f"Version raw data: data/raw/flowers-small (+{len(added)} added)", subjects
+        after = split_table()
+        assert set(added) <= set(after["path"])  # in the manifest, accepted and assigned
+        assert (after.loc[before.index, "assigned"] == before["assigned"]).all()  # no image moved
+        files_after = shard_files()
+        assert [n for n in files_before if files_after.get(n) == files_before[n]], (files_before, files_after)
+        assert git(repo, "status", "--porcelain") == ""
