@@ -87,7 +87,7 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = N
                 log.info("train mean and std of %d images: %s and %s", (used["split"] == "train").sum(), mean, std)
         if old is not None and (old.get("mean"), old.get("std")) != (mean, std):
             old = None
-        keep = shards.kept(folder, files, old)
+        keep = shards.kept(folder, digests, old)
         meta = {
             "height": p.size[0], "width": p.size[1], "channels": channels, "dtype": "float16",
             "classes": classes,

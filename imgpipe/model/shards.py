@@ -77,15 +77,15 @@ def previous_meta(folder: str | Path) -> dict | None:
         return None
 
 
-def kept(folder: str | Path, files: dict[str, pd.DataFrame], old: dict | None) -> set[str]:
-    """The files of `files` that an earlier run with the same pixels already wrote as they are
-    now: same members, same labels and paths. `old` is that run's meta.json, None if its pixels
-    differ (other params, another train mean/std) or there was none."""
+def kept(folder: str | Path, digests: dict[str, str], old: dict | None) -> set[str]:
+    """The files (name -> `members_digest`) that an earlier run with the same pixels already wrote
+    as they are now: same members, same labels and paths. `old` is that run's meta.json, None if
+    its pixels differ (other params, another train mean/std) or there was none."""
     if old is None:
         return set()
-    digests = {name: entry["members"] for name, entry in old.get("shards", {}).items()}
-    return {name for name, members in files.items()
-            if digests.get(name) == members_digest(members) and (Path(folder) / name).is_file()}
+    before = {name: entry["members"] for name, entry in old.get("shards", {}).items()}
+    return {name for name, digest in digests.items()
+            if before.get(name) == digest and (Path(folder) / name).is_file()}
 
 
 def stored_records(paths) -> dict[str, tuple[bytes, int, str]]:
