@@ -11,12 +11,18 @@ enlarged to 512 px, shows how the ratio moves with the image size. For each, in 
 - bare: read each file and `cv2.imdecode` it (IMREAD_UNCHANGED: the pixels as stored), in a
   pool of as many processes as ingest uses (forked, OpenCV single-threaded, the same chunks):
   the practical limit of any stage that must decode every image;
-- bare grey: the same loop decoding straight to grey (IMREAD_GRAYSCALE), the cheapest full
-  decode OpenCV offers, which ingest itself uses for 8-bit JPEGs: a stricter yardstick;
-- the stages, each in its own process as `dvc repro` runs them: ingest (listing, sha1, format,
-  header, decode, facts, CSV), then validate; its per-image work (read the manifest, triage,
-  near-duplicate groups) is timed apart from the whole stage (Great Expectations, Data Docs,
-  summary page), whose cost hardly depends on the number of images.
+- bare same decode: the same loop decoding each file exactly as ingest does (the OpenCV flags
+  formats.look picks for it, recorded before the clock starts: for an 8-bit JPEG, straight to
+  grey, at 1/2, 1/4 or 1/8 scale when the image is large enough, EXIF orientation ignored): the
+  strictest yardstick, the decode alone of what ingest decodes;
+- the stages' per-image work, each in its own process: ingest's `run` (listing, sha1, format,
+  header, decode, facts, CSV) and validate's per-image part (read the manifest, triage,
+  near-duplicate groups), timed after their imports;
+- the whole stages as `dvc repro` runs them: `python -m stages.ingest` and `python -m
+  stages.validate` in the workspace, from process start to exit (Python and its imports, Great
+  Expectations on its four tables, the Data Docs with their offline assets, summary.md and the
+  data-quality page with its thumbnails). DVC's own work (hashing deps and outs, dvc.lock) is
+  not in it.
 
 Every other repeat runs the stages before the bare loops, so neither side always finds the
 files freshly read (this machine's kernel reclaims idle page cache within minutes).
@@ -89,30 +95,55 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _decode(path: str, flags: int) -> int:
+def _decode(job: tuple[str, int]) -> int:
     import cv2
     import numpy as np
 
+    path, flags = job
     with open(path, "rb") as fh:
         data = fh.read()
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags).size
 
 
-def child_bare(source: Path, workers: int, grey: bool = False) -> dict:
-    import functools
+def ingest_flags(files: list[str]) -> list[tuple[str, int]]:
+    """(file, the OpenCV flags ingest decodes it with): formats.look runs on each file with the
+    decode itself replaced by a recorder, so the rule is ingest's own, not a copy of it."""
+    from imgpipe.core.params import Ingest
+    from imgpipe.images import facts, formats
 
+    jobs, real, max_pixels = [], formats._imdecode, Ingest().max_pixels
+
+    def record(data: bytes, fmt: str, flags: int) -> formats.Decoded:
+        jobs.append((path, flags))
+        return formats.Decoded(None, "not decoded: only its flags recorded")
+
+    formats._imdecode = record
+    try:
+        for path in files:
+            with open(path, "rb") as fh:
+                formats.look(fh.read(), max_pixels, facts.FACTS_SIDE)
+    finally:
+        formats._imdecode = real
+    assert len(jobs) == len(files), "a file ingest would not decode"
+    return jobs
+
+
+def child_bare(source: Path, workers: int, same: bool = False) -> dict:
+    """The bare loop: each file decoded unchanged (the pixels as stored), or with `same` as ingest
+    decodes it (ingest_flags)."""
     import cv2
 
     from imgpipe.data import ingestion
 
     files = [str(p) for p in sorted(source.glob("*/*.jpg"))]
+    jobs = ingest_flags(files) if same else [(f, cv2.IMREAD_UNCHANGED) for f in files]
     cv2.setNumThreads(1)  # as ingest does for its workers
-    decode = functools.partial(_decode, flags=cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_UNCHANGED)
     started, cpu = time.perf_counter(), cpu_seconds()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for _ in pool.imap(decode, files, chunksize=ingestion.CHUNKSIZE):
+        for _ in pool.imap(_decode, jobs, chunksize=ingestion.CHUNKSIZE):
             pass
-    return {"images": len(files), "seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu}
+    return {"images": len(files), "seconds": time.perf_counter() - started, "cpu": cpu_seconds() - cpu,
+            "flags": sorted({flags for _, flags in jobs})}
 
 
 def child_ingest(folder: Path) -> dict:
@@ -149,8 +180,23 @@ def child_validate(folder: Path) -> dict:
             "accepted": accepted, "near_duplicate_groups": groups}
 
 
+def measure_command(stage: str, folder: str) -> dict:
+    """`python -m stages.<stage>` in `folder`, as `dvc repro` runs it: wall and CPU time (the
+    process and its workers), process start to exit. A failed validate gate is a result."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder, env=workspace.environment(),
+                          capture_output=True, text=True)
+    seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0 and not (stage == "validate" and "data-quality check(s) failed" in proc.stderr):
+        raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
+    return {"seconds": seconds, "gate_passed": proc.returncode == 0,
+            "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+
+
 def measure(kind: str, *args: str) -> dict:
     """Run one measurement in a fresh process; its result plus its peak RSS."""
+    if kind.endswith("_command"):
+        return measure_command(kind.removesuffix("_command"), *args)
     # in the workspace folder, as DVC runs a stage in its repository (validate keeps its GX project in ./gx)
     cwd = args[0] if kind in ("ingest", "validate") else None
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, *args],
@@ -163,7 +209,7 @@ def measure(kind: str, *args: str) -> dict:
 def run_child(kind: str, args: list[str]) -> None:
     logging_off()
     result = {"bare": lambda: child_bare(Path(args[0]), int(args[1])),
-              "bare_grey": lambda: child_bare(Path(args[0]), int(args[1]), grey=True),
+              "bare_same": lambda: child_bare(Path(args[0]), int(args[1]), same=True),
               "ingest": lambda: child_ingest(Path(args[0])),
               "validate": lambda: child_validate(Path(args[0]))}[kind]()
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -191,9 +237,9 @@ def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
     runs = []
     for i in range(repeats):
         # every other repeat, the stages run first: neither side always gets the warmer page cache
-        order = ["bare", "bare_grey", "ingest", "validate"] if i % 2 == 0 else ["ingest", "validate", "bare", "bare_grey"]
-        args = {"bare": (str(source), str(workers)), "bare_grey": (str(source), str(workers)),
-                "ingest": (str(folder),), "validate": (str(folder),)}
+        bare, stages = ["bare", "bare_same"], ["ingest", "validate", "ingest_command", "validate_command"]
+        order = bare + stages if i % 2 == 0 else stages + bare
+        args = {**dict.fromkeys(bare, (str(source), str(workers))), **dict.fromkeys(stages, (str(folder),))}
         runs.append({kind: measure(kind, *args[kind]) for kind in order})
         print(json.dumps({"data": name, **runs[-1]}), flush=True)
     return summarise(name, runs, workers)
@@ -250,6 +296,9 @@ def summarise(name: str, runs: list[dict], workers: int) -> dict:
         per_image = {"seconds": "per_image_seconds", "cpu": "per_image_cpu"}[field]
         return run["ingest"][field] + run["validate"][per_image]
 
+    def whole(run, field="seconds"):  # the two stage commands, start to exit
+        return run["ingest_command"][field] + run["validate_command"][field]
+
     return {
         "data": name, "images": images, "workers": workers, "repeats": len(runs),
         "bare_images_per_s": round(images / median(r["bare"]["seconds"] for r in runs)),
@@ -260,8 +309,19 @@ def summarise(name: str, runs: list[dict], workers: int) -> dict:
         "bare_cpu_us": round(median(r["bare"]["cpu"] for r in runs) / images * 1e6),
         "stage_cpu_us": round(median(stage(r, "cpu") for r in runs) / images * 1e6),
         "cpu_ratio": round(median(r["bare"]["cpu"] / stage(r, "cpu") for r in runs), 2),
-        "grey_ratio": round(median(r["bare_grey"]["seconds"] / stage(r) for r in runs), 2),
-        "grey_cpu_ratio": round(median(r["bare_grey"]["cpu"] / stage(r, "cpu") for r in runs), 2),
+        # against the loop decoding as ingest does
+        "same_ratios": [round(r["bare_same"]["seconds"] / stage(r), 2) for r in runs],
+        "same_ratio": round(median(r["bare_same"]["seconds"] / stage(r) for r in runs), 2),
+        "same_cpu_ratio": round(median(r["bare_same"]["cpu"] / stage(r, "cpu") for r in runs), 2),
+        "same_flags": runs[0]["bare_same"]["flags"],
+        # the whole stages, as `dvc repro` runs them, against the bare loop
+        "whole_s": round(median(whole(r) for r in runs), 2),
+        "whole_ratios": [round(r["bare"]["seconds"] / whole(r), 2) for r in runs],
+        "whole_ratio": round(median(r["bare"]["seconds"] / whole(r) for r in runs), 2),
+        "whole_cpu_ratio": round(median(r["bare"]["cpu"] / whole(r, "cpu") for r in runs), 2),
+        "ingest_command_s": round(median(r["ingest_command"]["seconds"] for r in runs), 2),
+        "validate_command_s": round(median(r["validate_command"]["seconds"] for r in runs), 2),
+        "gate_passed": all(r["validate_command"]["gate_passed"] for r in runs),
         "ingest_s": round(median(r["ingest"]["seconds"] for r in runs), 2),
         "validate_per_image_s": round(median(r["validate"]["per_image_seconds"] for r in runs), 2),
         "validate_stage_s": round(median(r["validate"]["stage_seconds"] for r in runs), 2),
@@ -297,14 +357,18 @@ def near_duplicate_scaling(k: int = 4) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| data | images | bare decode (img/s) | ingest + validate per-image work (img/s) | ratio (runs) | "
-             "CPU per image: bare / stages (us) | CPU ratio | ratio, CPU ratio vs bare grey | ingest / validate per-image / validate whole stage (s) | "
+             "CPU per image: bare / stages (us) | CPU ratio | vs the bare loop decoding as ingest does: ratio (runs), CPU ratio | "
+             "whole stages as `dvc repro` runs them (s): ratio (runs), CPU ratio | "
+             "ingest / validate per-image (s); commands: ingest / validate (s) | "
              "peak RSS: ingest, its workers, validate (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['data']} | {r['images']:,} | {r['bare_images_per_s']:,} | {r['stage_images_per_s']:,} | "
                      f"**{r['ratio']}** ({', '.join(map(str, r['ratios']))}) | {r['bare_cpu_us']} / "
-                     f"{r['stage_cpu_us']} | **{r['cpu_ratio']}** | {r['grey_ratio']}, {r['grey_cpu_ratio']} | {r['ingest_s']} / "
-                     f"{r['validate_per_image_s']} / {r['validate_stage_s']} | {r['ingest_rss_mb']}, "
+                     f"{r['stage_cpu_us']} | **{r['cpu_ratio']}** | {r['same_ratio']} ({', '.join(map(str, r['same_ratios']))}), "
+                     f"{r['same_cpu_ratio']} | {r['whole_s']}: {r['whole_ratio']} ({', '.join(map(str, r['whole_ratios']))}), "
+                     f"{r['whole_cpu_ratio']} | {r['ingest_s']} / {r['validate_per_image_s']}; "
+                     f"{r['ingest_command_s']} / {r['validate_command_s']} | {r['ingest_rss_mb']}, "
                      f"{r['ingest_worker_rss_mb']}, {r['validate_rss_mb']} |")
     return "\n".join(lines)
 

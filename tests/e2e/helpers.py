@@ -1,13 +1,16 @@
-"""What the end-to-end tests share: temporary git + DVC repositories, and reading a real server."""
+"""What the end-to-end tests share: temporary git + DVC repositories, reading a real server, and
+rendering a page in headless Chromium with no network."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from uuid import UUID
 
+import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -21,6 +24,9 @@ QUIET_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
 GIT_AUTHOR = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+# Debian's chromium package; without it the browser tests are skipped
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium)")
 
 
 def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -78,3 +84,71 @@ def artifacts(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, list]:
             artifact.data = json.loads(artifact.data)
         by_key.setdefault(artifact.key, []).append(artifact)
     return by_key
+
+
+# --- pages in a browser with no network -------------------------------------------------------
+
+# no request can leave: host names resolve to nothing, and what is not a file goes to a proxy on
+# a loopback port nothing listens on (the discard port)
+OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9"]
+
+# Added at the end of a copy of the page: after the load event and the scripts' first frames,
+# record in <body> what the page's libraries did, where --dump-dom shows it.
+PROBE = """<script>
+window.addEventListener("load", () => setTimeout(() => {
+  const body = document.body, note = (name, value) => body.setAttribute("data-probe-" + name, String(value));
+  note("jquery", typeof window.jQuery);
+  note("bootstrap-table", typeof (window.jQuery && window.jQuery.fn.bootstrapTable));
+  note("vega-embed", typeof window.vegaEmbed);
+  const hidden = document.createElement("div");  // Bootstrap's stylesheet hides .d-none
+  hidden.className = "d-none";
+  body.appendChild(hidden);
+  note("bootstrap-css", getComputedStyle(hidden).display);
+  hidden.remove();
+  // Font Awesome's stylesheet and its web font, loaded for the page's icons
+  note("font-awesome", [...document.fonts].some(f => f.family.includes("Font Awesome") && f.status === "loaded"));
+  // each plot: its canvas and how many of its pixels are not the white background
+  for (const plot of document.querySelectorAll("div.vega-embed")) {
+    const canvas = plot.querySelector("canvas");
+    let inked = 0;
+    if (canvas) {
+      const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      for (let i = 0; i < pixels.length; i += 4)
+        if (pixels[i + 3] > 0 && (pixels[i] < 250 || pixels[i + 1] < 250 || pixels[i + 2] < 250)) inked++;
+    }
+    plot.setAttribute("data-probe", JSON.stringify(
+      {canvas: canvas ? [canvas.width, canvas.height] : null, inked: inked, svg: plot.querySelectorAll("svg *").length}));
+  }
+  // each image: its decoded width (0: it did not load)
+  for (const img of document.images) img.setAttribute("data-natural-width", img.naturalWidth);
+  note("done", "yes");
+}, 1000));
+</script>"""
+
+
+def rendered_dom(page: Path, profile: Path) -> tuple[str, dict[str, str]]:
+    """The DOM of `page` after its scripts ran, in Chromium with no network, and what PROBE noted."""
+    text = page.read_text(encoding="utf-8")
+    # the last </body>: the inlined libraries hold the string too
+    head, _, tail = text.rpartition("</body>")
+    probe = page.with_name(f"probe-{page.name}")
+    probe.write_text(head + PROBE + "</body>" + tail, encoding="utf-8")
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
+         *OFFLINE, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    probe.unlink()
+    assert proc.returncode == 0, proc.stderr
+    # the last <body: the inlined libraries hold the string too
+    body = re.findall(r"<body\b([^>]*)>", proc.stdout)[-1]
+    notes = dict(re.findall(r'data-probe-([a-z-]+)="([^"]*)"', body))
+    assert notes.get("done") == "yes", "the page's load event never fired"
+    return proc.stdout, notes
+
+
+def natural_widths(dom: str) -> dict[str, int]:
+    """src -> decoded width of every image in a DOM from rendered_dom (0: the image did not load)."""
+    return {src: int(width) for src, width in
+            re.findall(r'<img [^>]*src="([^"]+)"[^>]*data-natural-width="(\d+)"', dom)}

@@ -25,74 +25,15 @@ from imgpipe.core.params import params_from_dict
 from imgpipe.core.runner import run_stage
 from imgpipe.reports import offline
 from stages import ingest, validate
+from tests.e2e.helpers import needs_chromium, rendered_dom
 
 PROJECT = Path(__file__).resolve().parents[2]
 FLOWERS = PROJECT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
-CHROMIUM = Path("/usr/bin/chromium")
 DVC = str(Path(sys.executable).parent / "dvc")
 SUITES = {"image_manifest", "accepted_images", "near_duplicate_groups", "class_counts"}
 PHOTOS_PER_CLASS = 6
 
 pytestmark = pytest.mark.slow
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium)")
-
-# no request can leave: host names resolve to nothing, and what is not a file goes to a proxy on
-# a loopback port nothing listens on (the discard port)
-OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9"]
-
-# Added at the end of a copy of the page: after the load event and the scripts' first frames,
-# record in <body> what the page's libraries did, where --dump-dom shows it.
-PROBE = """<script>
-window.addEventListener("load", () => setTimeout(() => {
-  const body = document.body, note = (name, value) => body.setAttribute("data-probe-" + name, String(value));
-  note("jquery", typeof window.jQuery);
-  note("bootstrap-table", typeof (window.jQuery && window.jQuery.fn.bootstrapTable));
-  note("vega-embed", typeof window.vegaEmbed);
-  const hidden = document.createElement("div");  // Bootstrap's stylesheet hides .d-none
-  hidden.className = "d-none";
-  body.appendChild(hidden);
-  note("bootstrap-css", getComputedStyle(hidden).display);
-  hidden.remove();
-  // Font Awesome's stylesheet and its web font, loaded for the page's icons
-  note("font-awesome", [...document.fonts].some(f => f.family.includes("Font Awesome") && f.status === "loaded"));
-  // each plot: its canvas and how many of its pixels are not the white background
-  for (const plot of document.querySelectorAll("div.vega-embed")) {
-    const canvas = plot.querySelector("canvas");
-    let inked = 0;
-    if (canvas) {
-      const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-      for (let i = 0; i < pixels.length; i += 4)
-        if (pixels[i + 3] > 0 && (pixels[i] < 250 || pixels[i + 1] < 250 || pixels[i + 2] < 250)) inked++;
-    }
-    plot.setAttribute("data-probe", JSON.stringify(
-      {canvas: canvas ? [canvas.width, canvas.height] : null, inked: inked, svg: plot.querySelectorAll("svg *").length}));
-  }
-  note("done", "yes");
-}, 1000));
-</script>"""
-
-
-def rendered_dom(page: Path, profile: Path) -> tuple[str, dict[str, str]]:
-    """The DOM of `page` after its scripts ran, in Chromium with no network, and what PROBE noted."""
-    text = page.read_text(encoding="utf-8")
-    # the last </body>: the inlined libraries hold the string too
-    head, _, tail = text.rpartition("</body>")
-    probe = page.with_name(f"probe-{page.name}")
-    probe.write_text(head + PROBE + "</body>" + tail, encoding="utf-8")
-    proc = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
-         *OFFLINE, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    probe.unlink()
-    assert proc.returncode == 0, proc.stderr
-    # the last <body: the inlined libraries hold the string too
-    body = re.findall(r"<body\b([^>]*)>", proc.stdout)[-1]
-    notes = dict(re.findall(r'data-probe-([a-z-]+)="([^"]*)"', body))
-    assert notes.get("done") == "yes", "the page's load event never fired"
-    return proc.stdout, notes
-
 
 def loaded_urls(text: str) -> list[str]:
     """The http(s) URLs a page or stylesheet makes the browser fetch (links to other sites are not fetched)."""

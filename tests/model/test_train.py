@@ -83,9 +83,9 @@ def fitted_models(monkeypatch) -> list[list[str]]:
     """The layer names of each model train compiles (one per phase), recorded as it runs."""
     seen, compile_for_training = [], training.compile_for_training
 
-    def spy(model, learning_rate):
+    def spy(model, *args):
         seen.append([layer.name for layer in model.layers])
-        compile_for_training(model, learning_rate)
+        compile_for_training(model, *args)
 
     monkeypatch.setattr(training, "compile_for_training", spy)
     return seen
@@ -119,16 +119,21 @@ def test_plateau_reduces_the_learning_rate_then_stops_early(data, tmp_path):
     assert log["learning_rate"].tolist() == pytest.approx([1e-12, 1e-12, 5e-13])
 
 
-def test_the_saved_model_is_the_best_epoch(data, tmp_path):
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_the_saved_model_is_the_best_epoch(data, tmp_path, restore_best):
     # a learning rate far too high: the validation loss jumps around, the best epoch is not the last
-    params = params_for(data, tmp_path, epochs=4, learning_rate=3.0, dropout=0.0)
+    params = params_for(data, tmp_path, epochs=4, learning_rate=3.0, dropout=0.0, restore_best=restore_best)
     train.run(params.train, params.paths, params.base, params.runtime)
-    log = read_log(params)
+    val_loss = read_log(params)["val_loss"].tolist()
+    best, last = min(val_loss), val_loss[-1]
+    # the run this test needs: the best epoch is not the last, by far more than the tolerance below
+    assert val_loss.index(best) < len(val_loss) - 1 and last > 1.01 * best, val_loss
     model = keras.saving.load_model(Path(params.paths.model), safe_mode=True)
     folder = Path(params.paths.shards)
     ds = training.validation_dataset(folder, json.loads((folder / "meta.json").read_text()), 64)
     model.compile(loss="sparse_categorical_crossentropy")
-    assert model.evaluate(ds, verbose=0) == pytest.approx(log["val_loss"].min(), rel=1e-4)
+    # restore_best: the best epoch's weights; without it, the last epoch's
+    assert model.evaluate(ds, verbose=0) == pytest.approx(best if restore_best else last, rel=1e-4)
 
 
 class Interrupt(Exception):
