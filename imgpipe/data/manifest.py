@@ -19,10 +19,12 @@ Each is read here, typed column by column, so that the stages agree on what a fi
 from __future__ import annotations
 
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from imgpipe.core.errors import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # what the source's listing says of a file (the others depend on the file's bytes alone)
 RECORD_COLUMNS = ["label", "path", "source_split"]
@@ -40,6 +42,8 @@ DTYPES = {**{c: str for c in ("id", "label", "path", "source_split", "format", "
 def read_table(path: str | Path, what: str, made_by: str, columns: list[str] | None = None) -> pd.DataFrame:
     """The table at `path` (all its columns, or only `columns`), typed by DTYPES; a StageError naming
     `what` it is and the stage that writes it when it is missing or not a readable CSV."""
+    import pandas as pd  # here: ingest (and its forked workers) needs the column names only
+
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: {what} not found (run the {made_by} stage first)")
