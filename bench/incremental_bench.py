@@ -158,7 +158,7 @@ def main() -> None:
 
     base = ROOT / "incremental"
     big, extra = base / args.dataset, base / f"{args.dataset}-extra"
-    if not (big / ".done").exists():
+    if not (big / ".done").exists() or not (extra / ".done").exists():
         shutil.rmtree(big, ignore_errors=True)
         shutil.rmtree(extra, ignore_errors=True)
         if args.dataset == "fashion":
@@ -167,8 +167,9 @@ def main() -> None:
             build(big, QUALITIES)
             build(extra, (NEW_QUALITY,), select=lambda i: i % 20 == 0)
         (big / ".done").touch()
+        (extra / ".done").touch()
     files = sorted(p for p in big.rglob("*") if p.is_file() and p.name != ".done")
-    new_files = sorted(p for p in extra.rglob("*") if p.is_file())
+    new_files = sorted(p for p in extra.rglob("*") if p.is_file() and p.name != ".done")
     params = PARAMS if args.dataset == "flowers5x" else FASHION_PARAMS
     stages = STAGES if args.dataset == "flowers5x" else DATA_STAGES
     print(f"{len(files)} files, +{len(new_files)} new", flush=True)
