@@ -46,6 +46,8 @@ SETUPS = {
     "fashion-lenet": ("fashion", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 15}),
     "fashion-full-lenet": ("fashion-full", {"backbone": "lenet", "weights": "none", "backbone_size": 32, "epochs": 8,
                                             "batch_size": 128}),
+    # the defaults (issue 16): backbone auto (the small cnn here) and its recipe, all 54,000 training images
+    "fashion-full-default": ("fashion-full", {}),
 }
 
 

@@ -4,6 +4,7 @@
     python bench/train_bench.py seed        # one CSV per image read with np.loadtxt (a seed article) vs shards
     python bench/train_bench.py memory      # peak RSS of a training epoch at 1x and 10x the data
     python bench/train_bench.py cache       # a head-only experiment with and without the embedding cache
+    python bench/train_bench.py recipe      # CPU seconds per epoch of each training-recipe element vs none
 
 Data: the workspaces of bench/workspace.py (the project's real stages on Fashion-MNIST and the
 flowers photos, prepared on first use). Results go to stdout as one JSON object per line.
@@ -63,19 +64,24 @@ class EpochTimes(keras.callbacks.Callback):
         self.times.append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
 
 
-def fresh_model(params: Params, meta: dict) -> keras.Model:
+def fresh_model(params: Params, meta: dict, recipe: bool = False, steps: int = 1, epochs: int = 1) -> keras.Model:
+    """A new training model, compiled plain (Adam, constant rate) or, with `recipe`, with params.train's recipe."""
     keras.utils.set_random_seed(params.base.seed)
     clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), params.train,
                 meta["preprocess"]["normalization"], params.base.seed)
-    compile_for_training(clf.training, params.train.learning_rate)
+    if recipe:
+        compile_for_training(clf.training, params.train.learning_rate, params.train, steps, epochs)
+    else:
+        compile_for_training(clf.training, params.train.learning_rate)
     return clf.training
 
 
-def fit_epochs(params: Params, meta: dict, data, epochs: int, **fit) -> list[tuple[float, float]]:
+def fit_epochs(params: Params, meta: dict, data, epochs: int, recipe: bool = False, **fit) -> list[tuple[float, float]]:
     """(wall, CPU) seconds per epoch of a fresh model fitted on `data`, the first epoch (tracing, warm-up) left out."""
-    model, timer = fresh_model(params, meta), EpochTimes()
+    steps = len(data) if recipe else 1  # recipe: a tf.data stream of known length (its batches)
+    model, timer = fresh_model(params, meta, recipe, steps, epochs), EpochTimes()
     fit.setdefault("shuffle", False)  # a stream shuffles itself
-    model.fit(data, epochs=epochs, callbacks=[timer], verbose=0, **fit)
+    model.fit(data, epochs=epochs, callbacks=[*fit.pop("callbacks", []), timer], verbose=0, **fit)
     return timer.times[1:]
 
 
@@ -290,11 +296,59 @@ def cache(args) -> None:
            load_average=load_average())
 
 
+# -- the training recipe, element by element --------------------------------------------------
+
+# name -> train params over the base set-up; each measured alone against "none"
+RECIPE = {
+    "none": {},
+    "flip": {"augment_flip": "horizontal"},
+    "erasing": {"erasing_probability": 0.5},
+    "randaugment": {"randaugment_ops": 2, "randaugment_magnitude": 0.3},
+    "mixup": {"mixup_alpha": 0.2},
+    "cutmix": {"cutmix_alpha": 1.0},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "adamw": {"optimizer": "adamw", "weight_decay": 0.05},
+    "cosine": {"lr_schedule": "cosine", "warmup_epochs": 1.0},
+    "ema": {"ema_momentum": 0.999},
+    "xla": {"jit_compile": True, "deterministic": False},
+}
+
+
+def recipe(args) -> None:
+    """Seconds per epoch of the training model (`--backbone`, on images) with each recipe element
+    alone, against none, interleaved round by round so that load elsewhere hits all alike."""
+    folder = workspace.prepare(args.data)
+    # none: every element off, the defaults' included (flip, label smoothing, cosine)
+    base = {"backbone": args.backbone, "weights": "none" if args.backbone in ("auto", "cnn", "lenet") else "imagenet",
+            "embedding_cache": False, "epochs": max(args.epochs, 2), "augment_flip": "none", "label_smoothing": 0.0,
+            "lr_schedule": "constant", "warmup_epochs": 0.0}
+    times = {name: [] for name in RECIPE}
+    for _ in range(args.rounds):
+        for name, settings in RECIPE.items():
+            params = params_for(folder, **{**base, **settings})
+            shard_folder = Path(params.paths.shards)
+            meta = shards.read_meta(shard_folder)
+            _, copies = training.read_rebalance(Path(params.paths.rebalance), meta["counts"]["train"])
+            data = training.training_dataset(shard_folder, meta, copies, params.train, params.base.seed,
+                                             mix=params.train.mixes)
+            data = training.with_targets(data, params.train, len(meta["classes"]))
+            if params.train.ema_momentum:  # as train does: the average swapped in at each epoch's end
+                fit = {"callbacks": [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)]}
+            else:
+                fit = {}
+            times[name] += fit_epochs(params, meta, data, args.epochs, recipe=True, **fit)
+    median = medians(times)
+    report(benchmark="recipe", data=args.data, backbone=args.backbone, images=sum(copies.values()),
+           epochs_timed=len(times["none"]), seconds_per_epoch=median,
+           over_none={name: ratios(median, name, "none") for name in RECIPE if name != "none"},
+           load_average=load_average())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     for name, data, epochs in [("streaming", "fashion", 3), ("seed", "fashion", 3), ("memory", "flowers96", 1),
-                               ("cache", "fashion", 20)]:
+                               ("cache", "fashion", 20), ("recipe", "fashion", 2)]:
         p = sub.add_parser(name)
         p.add_argument("--data", default=data, choices=sorted(workspace.DATASETS))
         p.add_argument("--epochs", type=int, default=epochs)
@@ -302,12 +356,15 @@ def main() -> None:
         if name == "memory":
             p.add_argument("--shuffle-buffer", type=int, default=4096, help="train.shuffle_buffer (records)")
             p.add_argument("--variants", default="stream,memory", help="stream, memory or both")
+        if name == "recipe":
+            p.add_argument("--backbone", default="auto", help="train.backbone of the model timed")
     child = sub.add_parser("memory-child")
     child.add_argument("folder")
     child.add_argument("how", choices=("stream", "memory"))
     child.add_argument("shuffle_buffer", type=int)
     args = parser.parse_args()
-    {"streaming": streaming, "seed": seed, "memory": memory, "memory-child": memory_child, "cache": cache}[
+    {"streaming": streaming, "seed": seed, "memory": memory, "memory-child": memory_child, "cache": cache,
+     "recipe": recipe}[
         args.benchmark](args)
 
 

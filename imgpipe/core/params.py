@@ -110,8 +110,8 @@ class Split:
     test_buckets: tuple[int, int] = (0, 25)
     val_buckets: tuple[int, int] = (26, 51)
     balance: bool = True
-    max_train_per_class: int = 1000
-    max_val_per_class: int = 200
+    max_train_per_class: int = 0
+    max_val_per_class: int = 0
 
     def check(self) -> None:
         for name in ("test_buckets", "val_buckets"):
@@ -151,22 +151,24 @@ class Rebalance:
     method: Literal["none", "oversample", "undersample", "class_weight"] = "none"
 
 
-Backbone = Literal["mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16", "hub", "lenet"]
+Backbone = Literal["mobilenet", "mobilenet_v2", "efficientnet_b0", "vgg16", "hub", "lenet", "cnn", "auto"]
+# the backbones learnt from scratch (no pretrained weights, trained whole in phase 1)
+FROM_SCRATCH = ("lenet", "cnn")
 
 
 @dataclass(frozen=True)
 class Train:
     # the model
-    backbone: Backbone = "mobilenet"
+    backbone: Backbone = "auto"
     alpha: float = 0.25
     weights: str = "imagenet"
     hub_handle: str = ""
     hub_endpoint: str = "serving_default"
     backbone_size: int = 96
-    dropout: float = 0.2
-    # phase 1: the head on the frozen backbone (lenet: the whole network)
-    epochs: int = 20
-    batch_size: int = 64
+    dropout: float = 0.3
+    # phase 1: the head on the frozen backbone (lenet, cnn: the whole network)
+    epochs: int = 12
+    batch_size: int = 128
     learning_rate: float = 3e-3
     # phase 2: fine-tuning the top of the backbone
     fine_tune_layers: int = 0
@@ -183,7 +185,7 @@ class Train:
     embedding_cache: bool = True
     mixed_precision: bool = False
     # augmentation (training only)
-    augment_flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    augment_flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
     augment_rotation: float = 0.0
     augment_shift: float = 0.0
     augment_zoom: float = 0.0
@@ -197,30 +199,53 @@ class Train:
     erasing_aspect: tuple[float, float] = (0.3, 3.3)
     erasing_values: tuple[float, float] = (0.0, 255.0)
     erasing_per_pixel: bool = False
+    randaugment_ops: int = 0
+    randaugment_magnitude: float = 0.5
+    # batch-level mixing (soft labels), training only
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # loss, optimizer, schedule
+    label_smoothing: float = 0.1
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_epochs: float = 1.0
+    ema_momentum: float = 0.0
+    jit_compile: bool = False
 
     @property
     def pretrained(self) -> bool:
-        """A pretrained backbone is frozen in phase 1; lenet learns from scratch."""
-        return self.backbone != "lenet"
+        """A pretrained backbone is frozen in phase 1; lenet and cnn learn from scratch (auto: not resolved yet)."""
+        return self.backbone not in FROM_SCRATCH
+
+    @property
+    def mixes(self) -> bool:
+        """Batches mixed by mixup or cutmix (their labels are soft)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def soft_labels(self) -> bool:
+        """Labels as class probabilities (one-hot, mixed, smoothed) and a categorical loss, not class indices."""
+        return self.mixes or self.label_smoothing > 0
 
     @property
     def augments(self) -> bool:
-        return (self.augment_flip != "none" or self.erasing_probability > 0 or any((
-            self.augment_rotation, self.augment_shift, self.augment_zoom, self.augment_shear,
-            self.augment_brightness, self.augment_contrast)))
+        return (self.augment_flip != "none" or self.erasing_probability > 0 or self.randaugment_ops > 0
+                or self.mixes or any((self.augment_rotation, self.augment_shift, self.augment_zoom,
+                                      self.augment_shear, self.augment_brightness, self.augment_contrast)))
 
     @property
     def augments_phase1(self) -> bool:
         return self.augments and self.augment_in_phase1
 
     def check(self) -> None:
-        smallest = 8 if self.backbone == "lenet" else 32
+        smallest = 8 if self.backbone in ("lenet", "cnn", "auto") else 32
         if self.backbone_size < smallest:
             raise ParamsError(f"train.backbone_size must be >= {smallest} for {self.backbone}, got {self.backbone_size}")
         if self.backbone == "hub" and not self.hub_handle:
             raise ParamsError("train.backbone hub needs train.hub_handle (a TF Hub URL or a SavedModel folder)")
-        if self.backbone == "lenet" and self.weights == "imagenet":
-            raise ParamsError("train.weights: lenet learns from scratch, there are no ImageNet weights; "
+        if self.backbone in FROM_SCRATCH and self.weights == "imagenet":
+            raise ParamsError(f"train.weights: {self.backbone} learns from scratch, there are no ImageNet weights; "
                               "set none or a weights file")
         if self.epochs < 1 or self.batch_size < 1 or self.shuffle_buffer < 1:
             raise ParamsError("train.epochs, train.batch_size and train.shuffle_buffer must be >= 1")
@@ -232,7 +257,7 @@ class Train:
             raise ParamsError("train.fine_tune_epochs and train.fine_tune_layers must be >= 0 (0 = no fine-tuning)")
         if self.fine_tune_epochs and not self.fine_tune_layers:
             raise ParamsError("train.fine_tune_epochs needs train.fine_tune_layers >= 1 (how many top layers to unfreeze)")
-        if self.fine_tune_epochs and self.backbone in ("hub", "lenet"):
+        if self.fine_tune_epochs and self.backbone in ("hub", *FROM_SCRATCH):
             raise ParamsError(f"train.fine_tune_epochs: a {self.backbone} backbone cannot be fine-tuned "
                               "layer by layer; set 0")
         if self.augments and not self.augment_in_phase1 and not self.fine_tune_epochs:
@@ -256,6 +281,35 @@ class Train:
             raise ParamsError(f"train.erasing_aspect must be [min, max] height/width ratios, 0 < min <= max; got {[r0, r1]}")
         if v0 > v1:
             raise ParamsError(f"train.erasing_values must be [min, max] pixel values (0-255 scale), got {[v0, v1]}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        if not 0 <= self.randaugment_ops <= 11:
+            raise ParamsError(f"train.randaugment_ops must be 0 (off) to 11 (Keras' RandAugment has 11 operations), "
+                              f"got {self.randaugment_ops}")
+        if not 0.0 <= self.randaugment_magnitude <= 1.0:
+            raise ParamsError(f"train.randaugment_magnitude must be between 0 and 1, got {self.randaugment_magnitude}")
+        if self.mixup_alpha < 0:
+            raise ParamsError(f"train.mixup_alpha must be >= 0 (0 = off), got {self.mixup_alpha}")
+        if not 0.0 <= self.cutmix_alpha <= 1.0:
+            raise ParamsError(f"train.cutmix_alpha must be between 0 (off) and 1 (Keras' CutMix takes no more), "
+                              f"got {self.cutmix_alpha}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ParamsError(f"train.label_smoothing must be >= 0 and < 1, got {self.label_smoothing}")
+        if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adamw"):
+            raise ParamsError(f"train.weight_decay ({self.weight_decay}) must be >= 0 and needs train.optimizer: adamw "
+                              "(Adam's L2 penalty is not decoupled weight decay)")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.lr_schedule != "cosine"):
+            raise ParamsError(f"train.warmup_epochs ({self.warmup_epochs}) must be >= 0 and needs "
+                              "train.lr_schedule: cosine")
+        if self.lr_schedule != "constant" and self.reduce_lr_patience:
+            raise ParamsError("train.reduce_lr_patience lowers a constant learning rate on a plateau; "
+                              f"with train.lr_schedule: {self.lr_schedule} set it to 0")
+        if self.jit_compile and self.deterministic:
+            raise ParamsError("train.jit_compile needs train.deterministic: false (Keras compiles nothing with XLA "
+                              "while TensorFlow's op determinism is on)")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ParamsError(f"train.ema_momentum must be >= 0 (0 = off) and < 1, got {self.ema_momentum}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,19 @@ RandomErasing is the method of Zhong et al., "Random Erasing Data Augmentation" 
 the parameters of its reference implementation: with probability p, a rectangle whose area
 is a random fraction of the image (area range) and whose height/width ratio is random (aspect
 range) is filled with random values (value range), one value for the whole rectangle or one
-per pixel.
+per pixel. Keras 3 has a RandomErasing layer too; this one stays because Keras' is not the
+paper's method: it draws each side independently (the square root of a fraction in `scale`),
+so there is no area range and no aspect range; its `factor` p erases with a probability itself
+drawn from [0, p] per image (p/2 on average); its noise is normal, not uniform in a range.
+
+RandAugment (Cubuk et al. 2019) is Keras' layer: `randaugment_ops` operations drawn from its
+11 per image, at strength `randaugment_magnitude` (0-1, Keras' `factor`).
+
+Mixup (Zhang et al. 2017) and CutMix (Yun et al. 2019) mix images *and labels* of a batch, so
+they cannot be layers of the model (which never sees labels): `batch_mixing` returns the step
+of the training input pipeline (imgpipe/model/training.py) that applies them to one-hot labels,
+with Keras' MixUp and CutMix layers. When both are on, each batch gets one of them, at random
+(as timm does).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import itertools
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from imgpipe.core.params import Train
@@ -137,7 +150,54 @@ def augmentation(train: Train, seed: int) -> keras.Sequential | None:
         layers.append(keras.layers.RandomBrightness(train.augment_brightness, value_range=PIXEL_RANGE, seed=next(seeds)))
     if train.augment_contrast:
         layers.append(keras.layers.RandomContrast(train.augment_contrast, value_range=PIXEL_RANGE, seed=next(seeds)))
+    if train.randaugment_ops:
+        # after the project's own geometric and colour layers, before erasing (torchvision's order)
+        layers.append(keras.layers.RandAugment(PIXEL_RANGE, num_ops=train.randaugment_ops,
+                                               factor=train.randaugment_magnitude, seed=next(seeds)))
     if train.erasing_probability:
         layers.append(RandomErasing(train.erasing_probability, train.erasing_area, train.erasing_aspect,
                                     train.erasing_values, train.erasing_per_pixel, seed=next(seeds)))
     return keras.Sequential(layers, name="augment") if layers else None
+
+
+class ExactCutMix(keras.layers.CutMix):
+    """Keras' CutMix, with each label weighted by the share of pixels actually pasted.
+
+    Keras weights the labels by the area of the real-valued box, but pastes the whole pixels
+    inside it: on 32x32 images the two differ by up to a few percent. timm corrects the same
+    way (`correct_lam`).
+    """
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        transformation = super().get_random_transformation(data, training, seed)
+        if transformation is not None:
+            pasted = ops.mean(ops.cast(transformation["batch_masks"], "float32"), axis=(1, 2, 3))
+            transformation["mix_weight"] = 1.0 - pasted
+        return transformation
+
+
+def batch_mixing(train: Train, seed: int):
+    """`mix(images, labels) -> (images, labels)` for batches with one-hot labels; None when neither is on."""
+    mixers = []
+    if train.mixup_alpha:
+        mixers.append(keras.layers.MixUp(alpha=train.mixup_alpha, seed=seed))
+    if train.cutmix_alpha:
+        # Keras draws CutMix's alpha from the range `factor`; a one-point range is that alpha
+        mixers.append(ExactCutMix(factor=(train.cutmix_alpha, train.cutmix_alpha), seed=seed + 1))
+    if not mixers:
+        return None
+    labels_dtype = "float32"
+
+    def apply(layer, images, labels):
+        out = layer({"images": images, "labels": labels}, training=True)
+        return ops.cast(out["images"], images.dtype), ops.cast(out["labels"], labels_dtype)
+
+    if len(mixers) == 1:
+        return lambda images, labels: apply(mixers[0], images, labels)
+    choice = keras.random.SeedGenerator(seed + 2)
+
+    def either(images, labels):
+        use_mixup = keras.random.uniform((), seed=choice) < 0.5
+        return tf.cond(use_mixup, lambda: apply(mixers[0], images, labels), lambda: apply(mixers[1], images, labels))
+
+    return either

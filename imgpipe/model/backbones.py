@@ -7,7 +7,12 @@
   loaded with `keras.layers.TFSMLayer` (`hub.KerasLayer` does not work with Keras 3); frozen.
   The saved model refers to the SavedModel by its path and loads only outside Keras' safe mode
   (imgpipe/model/loading.py);
-- lenet: a small LeNet-style CNN learnt from scratch, for small grey images (MNIST-like).
+- lenet: a small LeNet-style CNN learnt from scratch, for small grey images (MNIST-like);
+- cnn: a small VGG-style CNN learnt from scratch (three 3x3 convolution stages and a dense
+  layer), cheaper per image than lenet and more accurate on Fashion-MNIST (bench/RESULTS.md);
+- auto: cnn for small grey images (one channel, at most AUTO_SMALL pixels a side, like MNIST
+  and Fashion-MNIST, where ImageNet features of upscaled 28x28 clothes are a poor start),
+  mobilenet (transfer learning) for anything else (photos). `resolve` decides, from the shards.
 
 Every backbone takes 0-255 pixels as the model holds them (1 or 3 channels, the shard size)
 and brings them to what it was trained on: RGB, its own size, its own pixel scaling. These
@@ -17,6 +22,7 @@ preprocessing code outside it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +30,7 @@ from pathlib import Path
 import keras
 
 from imgpipe.core.errors import StageError
-from imgpipe.core.params import Train
+from imgpipe.core.params import FROM_SCRATCH, Train
 
 # train.backbone -> (constructor, its preprocess_input, which takes RGB pixels in 0-255)
 APPLICATIONS = {
@@ -36,6 +42,30 @@ APPLICATIONS = {
 
 # The backbones with a width multiplier (train.alpha); the others have one fixed width.
 WITH_ALPHA = ("mobilenet", "mobilenet_v2")
+
+# backbone auto: images with one channel and at most this many pixels a side get the cnn
+AUTO_SMALL = 64
+
+
+def resolve(train: Train, input_shape: tuple[int, int, int]) -> Train:
+    """`train` with backbone auto replaced by what suits images of `input_shape` (H, W, C); others as they are.
+
+    auto -> cnn takes the images at their own size (backbone_size = the larger side) and no
+    ImageNet weights (weights imagenet becomes none; a weights file is kept).
+    """
+    if train.backbone != "auto":
+        return train
+    height, width, channels = input_shape
+    if channels == 1 and max(height, width) <= AUTO_SMALL:
+        weights = "none" if train.weights == "imagenet" else train.weights
+        chosen = dataclasses.replace(train, backbone="cnn", weights=weights, backbone_size=max(height, width))
+    else:
+        chosen = dataclasses.replace(train, backbone="mobilenet")
+    if chosen.fine_tune_epochs and not chosen.pretrained:
+        raise StageError(f"train.backbone auto chose {chosen.backbone} for {height}x{width}x{channels} images, "
+                         "which learns from scratch and cannot be fine-tuned: set train.fine_tune_epochs to 0 "
+                         "or name a pretrained backbone")
+    return chosen
 
 
 class Backbone:
@@ -73,8 +103,9 @@ def build(train: Train, input_shape: tuple[int, int, int]) -> Backbone:
     height, width, channels = input_shape
     size = train.backbone_size
     resize = [] if (height, width) == (size, size) else [keras.layers.Resizing(size, size, name="resize")]
-    if train.backbone == "lenet":
-        return Backbone(lenet(train, channels), resize + [keras.layers.Rescaling(1 / 255, name="to_unit")], False)
+    if train.backbone in FROM_SCRATCH:
+        network = (lenet if train.backbone == "lenet" else cnn)(train, channels)
+        return Backbone(network, resize + [keras.layers.Rescaling(1 / 255, name="to_unit")], False)
     # ImageNet backbones learnt from colour photos: a grey image is the same value in R, G and B.
     grey_to_rgb = keras.layers.Concatenate(name="grey_to_rgb")
     rgb = [lambda x: grey_to_rgb([x, x, x])] if channels == 1 else []
@@ -146,6 +177,24 @@ def lenet(train: Train, channels: int) -> keras.Sequential:
         keras.layers.Flatten(),
         keras.layers.Dense(256, activation="relu"),
     ], name="lenet")
+    _load_weights(network, train)
+    return network
+
+
+def cnn(train: Train, channels: int) -> keras.Sequential:
+    """Three VGG-style stages (a 3x3 convolution with ReLU, 2x2 max-pooling) of 32, 64 and 128
+    filters, flattened (the head sees where things are: 4x4 cells of a 32x32 image), then a
+    dense layer of 256: 0.62 M weights, about 10 M multiply-adds an image (lenet: 1.1 M weights,
+    15 M). No BatchNorm: Keras 3 has no fused BatchNorm kernel; on this CPU a BatchNorm after
+    each convolution took 1.8x the CPU time of an epoch, and that variant (without the dense
+    layer) reached 0.928 on Fashion-MNIST against this one's 0.933 (bench/RESULTS.md)."""
+    size = train.backbone_size
+    layers = [keras.Input((size, size, channels))]
+    for stage, filters in enumerate((32, 64, 128), start=1):
+        layers += [keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{stage}"),
+                   keras.layers.MaxPooling2D(name=f"pool{stage}")]
+    layers += [keras.layers.Flatten(name="flatten"), keras.layers.Dense(256, activation="relu", name="dense")]
+    network = keras.Sequential(layers, name="cnn")
     _load_weights(network, train)
     return network
 

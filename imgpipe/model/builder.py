@@ -50,6 +50,7 @@ def build(num_classes: int, input_shape: tuple[int, int, int], train: Train, nor
     height, width, channels = input_shape
     if channels not in (1, 3):
         raise StageError(f"the shards hold {channels}-channel images; the model takes 1 (grey) or 3 (RGB)")
+    train = backbones.resolve(train, input_shape)
     backbone = backbones.build(train, input_shape)
     inputs = keras.Input(shape=(height, width, channels), name="image")
     scale, offset = to_pixel_range(normalization)
@@ -72,6 +73,56 @@ def build(num_classes: int, input_shape: tuple[int, int, int], train: Train, nor
     return Classifier(model, training, extractor, head, backbone)
 
 
-def compile_for_training(model: keras.Model, learning_rate: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+def learning_rate_schedule(train: Train, learning_rate: float, steps_per_epoch: int, epochs: int):
+    """The learning rate of a phase of `epochs` epochs: `learning_rate` (constant), or a linear
+    warm-up from 0 to it over train.warmup_epochs (at most all but the last step), then cosine
+    decay to 0 at the phase's last step. Keras counts the steps (fit's optimizer.iterations), so
+    a resumed run continues the schedule where it stopped.
+    """
+    if train.lr_schedule == "constant":
+        return learning_rate
+    steps = steps_per_epoch * epochs
+    warmup = min(round(train.warmup_epochs * steps_per_epoch), steps - 1)
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    # CosineDecay warms up from its initial rate to warmup_target, then decays over decay_steps
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=steps - warmup, warmup_target=learning_rate,
+                                                  warmup_steps=warmup)
+
+
+def optimizer(model: keras.Model, train: Train, learning_rate) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW whose weight decay spares biases and BatchNorm's scales and offsets.
+
+    Decaying those pulls them towards 0 for no gain in generalisation (they do not make the
+    model more complex); the reference scripts exclude them, as here, by rank: every
+    trainable variable with at most one axis (a bias, a BatchNorm gamma or beta) is excluded.
+    ema_momentum > 0: the optimizer also keeps an exponential moving average of the weights
+    (training.py validates and saves that average).
+    """
+    ema = {"use_ema": True, "ema_momentum": train.ema_momentum} if train.ema_momentum else {}
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate, **ema)
+    adamw = keras.optimizers.AdamW(learning_rate, weight_decay=train.weight_decay, **ema)
+    adamw.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    return adamw
+
+
+def compile_for_training(model: keras.Model, learning_rate: float, train: Train | None = None,
+                         steps_per_epoch: int = 1, epochs: int = 1) -> None:
+    """Compile `model` for a phase of `epochs` epochs at `learning_rate`, with train's recipe
+    (train None: plain Adam on class indices, a constant rate).
+
+    Soft labels (mixup, cutmix, label smoothing) come as class probabilities: categorical
+    cross-entropy then, sparse on class indices otherwise (the same loss on hard labels).
+    """
+    if train is None:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        return
+    if train.soft_labels:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+    else:
+        loss = "sparse_categorical_crossentropy"
+    schedule = learning_rate_schedule(train, learning_rate, steps_per_epoch, epochs)
+    model.compile(optimizer=optimizer(model, train, schedule), loss=loss, metrics=["accuracy"],
+                  jit_compile=train.jit_compile)

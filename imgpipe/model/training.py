@@ -7,6 +7,13 @@ image, then every epoch and every head-only run reads them instead of running th
 Phase 2 (train.fine_tune_epochs > 0) unfreezes the top train.fine_tune_layers layers of the
 backbone and trains on the images at train.fine_tune_learning_rate, with augmentation if any
 (train.augment_in_phase1: false keeps it for phase 2 only, so that phase 1 can use the cache).
+train.backbone auto is resolved from the shards' image shape first (imgpipe/model/backbones.py).
+
+The recipe (imgpipe/model/builder.py, imgpipe/model/augment.py): mixup and cutmix mix the
+batches of the training stream (so labels are then one-hot class probabilities, as with label
+smoothing, and the loss categorical); each phase gets its own learning-rate schedule over its
+own steps; with train.ema_momentum the moving average of the weights is what is validated,
+checkpointed and saved.
 
 Images stream from the shards through tf.data (files read in parallel, records shuffled in a
 bounded buffer, whole batches parsed at once, prefetching), so memory stays flat however large
@@ -38,6 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imgpipe.model import augment
 from imgpipe.model import backbones
 from imgpipe.model import feature_cache
 from imgpipe.model import shards
@@ -96,8 +104,10 @@ def read_rebalance(folder: Path, num_train: int) -> tuple[dict, dict[str, int]]:
     return plan, copies
 
 
-def training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Train, seed: int) -> tf.data.Dataset:
-    """Batches of (image, label) for one epoch: each image `copies` times, shuffled.
+def training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Train, seed: int,
+                     mix: bool = False) -> tf.data.Dataset:
+    """Batches of (image, label) for one epoch: each image `copies` times, shuffled; `mix`: with
+    train's mixup / cutmix applied (labels one-hot then).
 
     Serialized records are repeated and shuffled (float16 bytes: half the buffer memory of
     decoded images), then parsed a whole batch at a time.
@@ -118,7 +128,20 @@ def training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Tr
     # A new order every epoch, the same sequence of orders in every run with this seed. Copies
     # of one image arrive together, so the buffer also spreads them apart.
     ds = ds.shuffle(train.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return _image_batches(ds, meta, train.batch_size, train.deterministic)
+    batches = _image_batches(ds, meta, train.batch_size, train.deterministic)
+    mixing = augment.batch_mixing(train, seed) if mix else None
+    if mixing is None:
+        return batches
+    # one batch after the other: the random draws follow the batch order, the same in every run
+    return with_targets(batches, train, len(meta["classes"]), force=True).map(mixing).prefetch(tf.data.AUTOTUNE)
+
+
+def with_targets(ds: tf.data.Dataset, train: Train, num_classes: int, force: bool = False) -> tf.data.Dataset:
+    """(x, label) batches with the labels the loss wants: one-hot class probabilities when train's
+    labels are soft (or `force`), the class indices as they are otherwise."""
+    if not (train.soft_labels or force) or ds.element_spec[1].shape.rank != 1:
+        return ds
+    return ds.map(lambda x, label: (x, tf.one_hot(label, num_classes)))
 
 
 def validation_dataset(folder: Path, meta: dict, batch_size: int, deterministic: bool = True) -> tf.data.Dataset:
@@ -269,7 +292,14 @@ def fit_phase(model: keras.Model, data, val, epochs: tuple[int, int], phase: str
               best: BestCheckpoint, class_weight) -> int:
     """fit() epochs [first, last) of one phase, resuming from its backup; returns the next epoch number."""
     first, last = epochs
-    callbacks = [EpochLog(run_dir / TRAIN_LOG, phase, last), best]
+    num_classes = model.output_shape[-1]
+    data = with_targets(data, train, num_classes)
+    val = None if val is None else with_targets(val, train, num_classes)
+    # With weight EMA, the average is in the model at the end of every epoch (Keras swaps it with
+    # the raw weights): what is validated, checkpointed and backed up. First, so that the
+    # callbacks after it see the average.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if train.ema_momentum else []
+    callbacks += [EpochLog(run_dir / TRAIN_LOG, phase, last), best]
     if train.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(best.monitor, patience=train.early_stopping_patience))
     if train.reduce_lr_patience:
@@ -347,9 +377,11 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
     class_weight = class_weight_by_index(plan, meta["classes"])
     has_val = bool(counts.get("val"))
 
-    def image_data():
+    train = backbones.resolve(train, (meta["height"], meta["width"], meta["channels"]))
+
+    def image_data(augmented: bool):
         val = validation_dataset(folder, meta, train.batch_size, train.deterministic) if has_val else None
-        return training_dataset(folder, meta, copies, train, seed), val
+        return training_dataset(folder, meta, copies, train, seed, mix=augmented), val
 
     strategy = distribution_strategy()
     with strategy.scope():
@@ -359,11 +391,12 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
         cached = train.embedding_cache and train.pretrained and not train.augments_phase1
         per_epoch = sum(copies.values())
+        steps = -(-per_epoch // train.batch_size)
         log.info(
             "%s%s (%s weights) on %d images per epoch (rebalance: %s), %d steps of %d; %d validation images; "
             "%d device(s), %s; phase 1 on %s",
             "resuming " if (run_dir / TRAIN_LOG).is_file() else "", train.backbone, train.weights, per_epoch,
-            plan.get("method"), -(-per_epoch // train.batch_size), train.batch_size, counts.get("val", 0),
+            plan.get("method"), steps, train.batch_size, counts.get("val", 0),
             strategy.num_replicas_in_sync, clf.model.dtype_policy.name, "cached features" if cached else "images",
         )
 
@@ -377,8 +410,9 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
             if cached:
                 (data, val), fitted = cached_datasets(clf, train, seed, paths, meta, copies, cache_dir), clf.head
             else:
-                (data, val), fitted = image_data(), clf.training if train.augments_phase1 else clf.model
-            compile_for_training(fitted, train.learning_rate)
+                augmented = train.augments_phase1
+                (data, val), fitted = image_data(augmented), clf.training if augmented else clf.model
+            compile_for_training(fitted, train.learning_rate, train, steps, train.epochs)
             phase = "head" if train.pretrained else "scratch"
             next_epoch = fit_phase(fitted, data, val, (0, train.epochs), phase, run_dir, train, best, class_weight)
             clf.model.save_weights(run_dir / "phase1.weights.h5")
@@ -388,8 +422,8 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         # (large updates would destroy the pretrained features the head was fitted to).
         if train.fine_tune_epochs:
             backbones.unfreeze_top(clf.backbone.network, train.fine_tune_layers)
-            compile_for_training(clf.training, train.fine_tune_learning_rate)
-            data, val = image_data()
+            compile_for_training(clf.training, train.fine_tune_learning_rate, train, steps, train.fine_tune_epochs)
+            data, val = image_data(train.augments)
             epochs = (next_epoch, next_epoch + train.fine_tune_epochs)
             fit_phase(clf.training, data, val, epochs, "fine_tune", run_dir, train, best, class_weight)
 

@@ -94,9 +94,11 @@ def test_config_round_trip_and_bad_arguments():
             RandomErasing(**bad)
 
 
-def test_no_augmentation_by_default_and_each_param_adds_its_layer():
-    assert augmentation(Train(), seed=0) is None
-    assert not Train().augments
+def test_no_augmentation_when_off_and_each_param_adds_its_layer():
+    off = {"augment_flip": "none"}  # the default flips (the default data is clothes)
+    assert augmentation(Train(**off), seed=0) is None
+    assert not Train(**off).augments
+    assert [type(layer).__name__ for layer in augmentation(Train(), seed=0).layers] == ["RandomFlip"]
     settings = {"augment_flip": "horizontal", "augment_rotation": 10.0, "augment_shift": 0.1, "augment_zoom": 0.1,
                 "augment_shear": 0.1, "augment_brightness": 0.1, "augment_contrast": 0.1, "erasing_probability": 0.5}
     expected = ["RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "RandomShear", "RandomBrightness",
@@ -107,5 +109,5 @@ def test_no_augmentation_by_default_and_each_param_adds_its_layer():
     rotation = layers[1]
     assert rotation.factor == pytest.approx((-10 / 360, 10 / 360)) and rotation.fill_mode == "reflect"
     for key, value in settings.items():
-        assert [type(x).__name__ for x in augmentation(Train(**{key: value}), seed=0).layers] == [
+        assert [type(x).__name__ for x in augmentation(Train(**{**off, key: value}), seed=0).layers] == [
             expected[list(settings).index(key)]]

@@ -44,7 +44,7 @@ def images(n, shape=(28, 28, 1), seed=0) -> np.ndarray:
 
 
 def test_output_is_a_distribution_over_the_classes_for_grey_and_colour_input():
-    train = Train(weights="none", backbone_size=32)
+    train = Train(backbone="mobilenet", weights="none", backbone_size=32)
     for channels in (1, 3):
         model = build(4, (28, 28, channels), train, "unit").model
         assert model.input_shape == (None, 28, 28, channels)
@@ -55,7 +55,8 @@ def test_output_is_a_distribution_over_the_classes_for_grey_and_colour_input():
 
 
 def test_the_four_views_share_their_weights():
-    clf = build(3, (28, 28, 1), Train(weights=str(WEIGHTS), backbone_size=32), "unit")
+    clf = build(3, (28, 28, 1), Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=32, augment_flip="none"),
+                "unit")
     x = images(4)
     features = clf.extractor.predict_on_batch(x)
     assert features.shape == (4, 256)  # MobileNet 0.25's pooled features
@@ -68,7 +69,7 @@ def test_the_four_views_share_their_weights():
 
 
 def test_only_the_head_trains_and_batchnorm_statistics_stay_put():
-    clf = build(3, (28, 28, 1), Train(weights=str(WEIGHTS), backbone_size=32), "unit")
+    clf = build(3, (28, 28, 1), Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=32), "unit")
     backbone = clf.backbone.network
     assert not backbone.trainable
     assert [w.path for w in clf.model.trainable_weights] == ["classes/kernel", "classes/bias"]
@@ -82,7 +83,7 @@ def test_only_the_head_trains_and_batchnorm_statistics_stay_put():
 
 
 def test_fine_tuning_trains_the_top_layers_only_and_never_batchnorm():
-    clf = build(3, (28, 28, 1), Train(weights=str(WEIGHTS), backbone_size=32), "unit")
+    clf = build(3, (28, 28, 1), Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=32), "unit")
     network = clf.backbone.network
     unfreeze_top(network, 10)
     top = network.layers[-10:]
@@ -98,20 +99,20 @@ def test_fine_tuning_trains_the_top_layers_only_and_never_batchnorm():
 
 
 def test_weights_path_loads_that_file():
-    clf = build(2, (28, 28, 1), Train(weights=str(WEIGHTS), backbone_size=40), "unit")
+    clf = build(2, (28, 28, 1), Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=40), "unit")
     np.testing.assert_array_equal(clf.backbone.network.get_layer("conv1").kernel.numpy(), h5_conv1_kernel())
 
 
 def test_imagenet_weights_load_offline_at_a_size_without_its_own_file():
     # there is a 224 file only (in $KERAS_HOME/models/); 64 pixels must load it
-    clf = build(2, (28, 28, 1), Train(weights="imagenet", backbone_size=64), "unit")
+    clf = build(2, (28, 28, 1), Train(backbone="mobilenet", weights="imagenet", backbone_size=64), "unit")
     np.testing.assert_array_equal(clf.backbone.network.get_layer("conv1").kernel.numpy(), h5_conv1_kernel())
 
 
 def test_missing_weights_file_is_a_stage_error_naming_it(tmp_path):
     missing = tmp_path / "nowhere" / "weights.h5"
     with pytest.raises(StageError, match=str(missing)):
-        build(2, (28, 28, 1), Train(weights=str(missing), backbone_size=32), "unit")
+        build(2, (28, 28, 1), Train(backbone="mobilenet", weights=str(missing), backbone_size=32), "unit")
 
 
 def test_imagenet_alpha_the_backbone_lacks_is_a_stage_error():
@@ -129,7 +130,7 @@ def test_pixel_ranges_map_onto_0_255():
 
 def test_same_image_in_any_value_range_gives_the_same_prediction():
     image = np.random.default_rng(1).integers(0, 256, (4, 28, 28, 1)).astype(np.float32)
-    train = Train(weights=str(WEIGHTS), backbone_size=32)
+    train = Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=32)
     raw = build(3, (28, 28, 1), train, "none").model
     unit = build(3, (28, 28, 1), train, "unit").model
     unit.get_layer("classes").set_weights(raw.get_layer("classes").get_weights())
@@ -137,7 +138,7 @@ def test_same_image_in_any_value_range_gives_the_same_prediction():
 
 
 def test_augmentation_acts_in_training_only_and_stays_out_of_the_saved_model(tmp_path):
-    clf = build(3, (32, 32, 3), Train(weights=str(WEIGHTS), backbone_size=32, **AUGMENT_ALL), "unit", seed=1)
+    clf = build(3, (32, 32, 3), Train(backbone="mobilenet", weights=str(WEIGHTS), backbone_size=32, **AUGMENT_ALL), "unit", seed=1)
     x = images(8, (32, 32, 3))
     assert "augment" in [layer.name for layer in clf.training.layers]
     assert "augment" not in [layer.name for layer in clf.model.layers]
@@ -205,7 +206,7 @@ def test_mixed_precision_keeps_float32_probabilities_and_falls_back_to_float32_o
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        model = build(3, (28, 28, 1), Train(weights="none", backbone_size=32), "unit").model
+        model = build(3, (28, 28, 1), Train(backbone="mobilenet", weights="none", backbone_size=32), "unit").model
     finally:
         keras.config.set_dtype_policy(previous)
     assert model.get_layer("dropout").compute_dtype == "float16"

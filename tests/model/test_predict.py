@@ -25,6 +25,7 @@ from stages import preprocess
 from stages import rebalance
 from stages import train
 from imgpipe.core.params import params_from_dict
+from tests.model.mnist_run import PLAIN_RECIPE
 
 # trains a real model: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
@@ -57,7 +58,8 @@ def flowers_run(tmp_path_factory):
         "ingest": {"source": str(FLOWERS), "layout": "folders"},
         "preprocess": {"colour_mode": "rgb", "size": [48, 48], "blur_kernel": 3, "normalization": "standardize",
                        "standardize_scope": "dataset"},
-        "train": {"weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4, "batch_size": 16, "learning_rate": 0.01},
+        "train": {**PLAIN_RECIPE, "backbone": "mobilenet", "weights": str(WEIGHTS), "backbone_size": 64, "epochs": 4,
+                  "batch_size": 16, "learning_rate": 0.01},
         "runtime": {"train_cache_dir": str(root / "cache")},
         "evaluate": {"export_dir": str(root / "models" / "export"), "blessed_file": str(root / "models" / "blessed.json")},
     })

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_project_params_load():
     p = load_params(ROOT / "params.yaml")
-    assert p.train.backbone == "mobilenet" and p.preprocess.size == (32, 32)
+    assert p.train.backbone == "auto" and p.preprocess.size == (32, 32)
 
 
 def test_params_yaml_holds_every_knob_at_its_default():
