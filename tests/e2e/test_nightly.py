@@ -251,13 +251,19 @@ def start_dvc_repro(repo: Path, log: Path) -> subprocess.Popen:
     return process
 
 
-def test_a_run_waits_for_a_dvc_repro_at_a_desk(prefect_api, client, tmp_path):
+def repo_with_a_repro_going(tmp_path: Path, seconds: int) -> tuple[Path, Path, subprocess.Popen]:
+    """New photos versioned and a `dvc repro` at a desk holding DVC's lock, its `list` taking
+    `seconds`; (the repository, the file counting `list`'s runs, the repro's process)."""
     tries = tmp_path / "list-runs"
-    # long enough that the flow, starting on a busy machine, still finds it going
-    repo = make_repo(tmp_path / "repo", SLOW_LIST.format(seconds=15, tries=tries))
+    repo = make_repo(tmp_path / "repo", SLOW_LIST.format(seconds=seconds, tries=tries))
     new_photos(repo)
     dvc("add", "-q", "data/raw", cwd=repo)
-    manual = start_dvc_repro(repo, tmp_path / "repro.log")
+    return repo, tries, start_dvc_repro(repo, tmp_path / "repro.log")
+
+
+def test_a_run_waits_for_a_dvc_repro_at_a_desk(prefect_api, client, tmp_path):
+    # long enough that the flow, starting on a busy machine, still finds it going
+    repo, tries, manual = repo_with_a_repro_going(tmp_path, seconds=15)
 
     started = time.monotonic()
     state = pipeline(repo=str(repo), return_state=True)
@@ -280,11 +286,7 @@ def test_a_run_waits_for_a_dvc_repro_at_a_desk(prefect_api, client, tmp_path):
 
 
 def test_a_run_that_waited_long_enough_stops_before_doing_anything(prefect_api, client, tmp_path):
-    tries = tmp_path / "list-runs"
-    repo = make_repo(tmp_path / "repo", SLOW_LIST.format(seconds=60, tries=tries))
-    new_photos(repo)
-    dvc("add", "-q", "data/raw", cwd=repo)
-    manual = start_dvc_repro(repo, tmp_path / "repro.log")
+    repo, tries, manual = repo_with_a_repro_going(tmp_path, seconds=60)
     try:
         started = time.monotonic()
         state = pipeline(repo=str(repo), return_state=True, lock_timeout_seconds=3, retries=1, retry_delay_seconds=0)
