@@ -50,6 +50,18 @@ SETUPS = {
     "fashion-full-default": ("fashion-full", {}),
 }
 
+# Flowers: the recipe (issue 16 item 3, bench/flowers_results.md). Phase 1 as HEAD on cached
+# features (augment_in_phase1: false; the default true, with the default flip, would train the
+# head on images), then all layers fine-tuned with cosine + warm-up (the defaults).
+# A key with a dot is a whole params key (base.seed); the others are train's.
+NO_PHASE1_AUGMENT = {"augment_in_phase1": False}
+EXPLORE = {
+    "flowers-x-lr1e3": {**HEAD, **NO_PHASE1_AUGMENT, **FINE_TUNE, "fine_tune_learning_rate": 1e-3},
+    "flowers-x-128-lr1e3-e30": {**HEAD, **NO_PHASE1_AUGMENT, **FINE_TUNE, "backbone_size": 128,
+                                "fine_tune_learning_rate": 1e-3, "fine_tune_epochs": 30},
+}
+SETUPS.update({name: ("flowers128", settings) for name, settings in EXPLORE.items()})
+
 
 def test_accuracy(folder: Path, params: dict) -> float:
     model = loading.load(folder / params["paths"]["model"], trust=True)  # this run's own model
@@ -67,9 +79,10 @@ def run(name: str) -> dict:
     data, settings = SETUPS[name]
     folder = workspace.prepare(data)
     # the project's current params, the data set's, then the set-up's
-    overrides = {**workspace.DATASETS[data], **{f"train.{k}": v for k, v in settings.items()}}
+    overrides = {**workspace.DATASETS[data], **{k if "." in k else f"train.{k}": v for k, v in settings.items()}}
     params_file = workspace.write_params(folder, overrides, f"params-{name}.yaml")
     params = yaml.safe_load(params_file.read_text())
+    load_start = round(os.getloadavg()[0], 2)
     start = time.perf_counter()
     workspace.run_stage(folder, "train", params_file)
     seconds = time.perf_counter() - start
@@ -78,6 +91,7 @@ def run(name: str) -> dict:
     return {"setup": name, "data": data, "train": settings, "train_seconds": round(seconds),
             "test_accuracy": round(test_accuracy(folder, params), 4), "best_epoch": int(best["epoch"]) + 1,
             "best_val_accuracy": round(float(best["val_accuracy"]), 4), "epochs_run": len(log),
+            "seed": params["base"]["seed"], "load_average_start": load_start,
             "load_average": round(os.getloadavg()[0], 2)}
 
 

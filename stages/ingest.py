@@ -16,6 +16,7 @@ from imgpipe.core.params import Ingest, Paths, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.data import facts_cache
 from imgpipe.data.ingestion import available_cores, ingest, skipped_path
+from imgpipe.data.parallel import Batches
 from imgpipe.data.sources import Source, SourceError
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
@@ -28,13 +29,19 @@ def run(p: Ingest, paths: Paths, runtime: Runtime) -> None:
         with Source.from_params(p) as source, atomic_path(paths.manifest) as tmp:
             # IDX images are raw pixels, nothing to decode: too little work to share out
             workers = 1 if source.layout == "idx" else runtime.workers or available_cores()
-            log.info("reading %s (layout: %s, %d worker processes)", p.source, source.layout, workers)
+            on_dask = runtime.executor == "dask" and source.layout != "idx"
+            log.info("reading %s (layout: %s, %s)", p.source, source.layout,
+                     "on a Dask cluster" if on_dask else f"{workers} worker processes")
             # IDX images are not worth caching: reading them is a slice of memory
             cache = facts_cache.FactsCache(runtime.ingest_cache_dir) if runtime.ingest_cache_dir and source.layout != "idx" else None
             if cache and cache.dropped:
                 log.info("facts cache: %d entries made by an earlier version of the code deleted", cache.dropped)
-            with open(tmp, "w", newline="", encoding="utf-8") as fh, cache or contextlib.nullcontext():
-                count = ingest(source, fh, p.max_pixels, workers, cache)
+            cluster = Batches("dask", workers, runtime.scheduler) if on_dask else contextlib.nullcontext()
+            with (open(tmp, "w", newline="", encoding="utf-8") as fh, cache or contextlib.nullcontext(),
+                  cluster as cluster):
+                count = ingest(source, fh, p.max_pixels, workers, cache, cluster)
+            if on_dask and cluster.where:
+                log.info("described on %d Dask workers: %s", len(cluster.where), dict(sorted(cluster.where.items())))
             if count == 0:
                 hidden = sum(source.skipped.values())
                 raise StageError(f"ingest.source {p.source} holds no files"

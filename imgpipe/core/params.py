@@ -58,7 +58,7 @@ class Runtime:
 
     # ingest's and preprocess's worker processes (0 = one per CPU core)
     workers: int = 0
-    # where preprocess's per-image work runs: local (a process pool) | dask (a Dask cluster: the one
+    # where ingest's and preprocess's per-image work runs: local (a process pool) | dask (a Dask cluster: the one
     # at `scheduler`, e.g. tcp://10.0.0.5:8786, or with "" a local cluster of `workers` processes)
     executor: Literal["local", "dask"] = "local"
     scheduler: str = ""

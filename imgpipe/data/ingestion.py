@@ -4,7 +4,8 @@ The manifest has one row per input file (for IDX: per image), its columns in
 imgpipe/data/manifest.py. `id` is the sha1 of the bytes, so the same image always has the same id
 wherever it lives. A file that cannot be decoded is still listed, with `error` saying why;
 `validate` decides what to quarantine. Images are read one at a time, by `runtime.workers`
-processes (one per core by default) in listing order: memory does not grow with the dataset,
+processes (one per core by default), or on a Dask cluster (`runtime.executor: dask`), in batches
+in listing order: memory does not grow with the dataset,
 and the manifest's bytes do not depend on the number of workers. An image whose header claims
 more than `ingest.max_pixels` pixels is refused before decoding, so a few bytes cannot make
 the stage allocate gigabytes. With `runtime.ingest_cache_dir`, a re-run reads only the files that
@@ -13,6 +14,7 @@ changed since the last one (imgpipe/data/facts_cache.py).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import functools
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from imgpipe.data import facts_cache
 from imgpipe.data.manifest import COLUMNS, FACTS, RECORD_COLUMNS
+from imgpipe.data.parallel import Batches
 from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
 from imgpipe.images import facts as image_facts
 from imgpipe.images import formats
@@ -128,10 +131,11 @@ def manifest_row(record: Record, values: list) -> list:
 
 
 def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
-           cache: facts_cache.FactsCache | None = None) -> int:
+           cache: facts_cache.FactsCache | None = None, cluster: Batches | None = None) -> int:
     """Write the manifest (header, then one row per input, in listing order) to `out`; returns the rows.
 
-    With a `cache`, a file it knows (same path, inode, size and time) is not read again.
+    With a `cache`, a file it knows (same path, inode, size and time) is not read again. With a
+    `cluster` (Batches on a Dask cluster), the files are read and described on its workers.
     """
     csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
     batches = _batched(source.records(), CHUNKSIZE)
@@ -145,6 +149,9 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
         return write_lines(map(idx_lines, batches), out)
     work = functools.partial(describe_files, root=str(source.root), max_pixels=max_pixels)
     folder = cache.folder if cache else None
+    if cluster is not None:
+        with _reader_in_this_process(folder):
+            return write_lines(_on_cluster(cluster, batches, str(source.root), max_pixels), out, cache)
     if workers == 1:
         with _reader_in_this_process(folder):
             return write_lines(map(work, batches), out, cache)
@@ -183,10 +190,36 @@ def _reader_in_this_process(folder: Path | None):
         _open_reader(None)
 
 
-def describe_files(records: list[Record], root: str, max_pixels: int) -> Described:
+def _on_cluster(cluster: Batches, batches: Iterable[list[Record]], root: str, max_pixels: int) -> Iterator[Described]:
+    """What each batch gives, in order, the files read and described on the cluster's workers.
+
+    This process looks the files up in the facts cache (the workers, on other machines, may not
+    reach it) and sends a worker only the batches with files to read, with what the cache knows;
+    a batch the cache knows whole is made here. At most twice as many batches in flight as workers.
+    """
+    pending = collections.deque()
+    for batch in batches:
+        looked_up = _look_up(batch, root, max_pixels)
+        if None in looked_up[1]:
+            pending.append(cluster.submit(describe_files, (batch, root, max_pixels, looked_up)))
+        else:
+            pending.append(describe_files(batch, root, max_pixels, looked_up))
+        if len(pending) >= 2 * cluster.workers:
+            yield _finished(cluster, pending.popleft())
+    while pending:
+        yield _finished(cluster, pending.popleft())
+
+
+def _finished(cluster: Batches, handle) -> Described:
+    return handle if isinstance(handle, tuple) else cluster.result(handle)
+
+
+def describe_files(records: list[Record], root: str, max_pixels: int,
+                   looked_up: tuple[list, list] | None = None) -> Described:
     """What a batch of files gives (see Described): the cached rows of the files the cache knows, and
-    the others read and described."""
-    keys, cached = _look_up(records, root, max_pixels)
+    the others read and described. `looked_up`: the files' keys and cached values, when the caller
+    looked them up (on a Dask worker, which has no cache of its own)."""
+    keys, cached = looked_up or _look_up(records, root, max_pixels)
     facts = image_facts.FactsBatch()  # the files' facts are completed together, once all are read
     # what a decoder prints (libjpeg's "Corrupt JPEG data: ...") is tied to the file: a JPEG's
     # damage becomes its error, other messages are logged with the file's name

@@ -46,6 +46,8 @@ SMALL_RUN = {
     "train.backbone_size": 64,
     "train.epochs": 2,
     "train.batch_size": 16,
+    # no augmentation: phase 1 on cached features (the default flip trains on images, slower)
+    "train.augment_flip": "none",
     # several files per split, so that what an update leaves untouched shows
     "preprocess.images_per_shard": 16,
 }

@@ -1,7 +1,7 @@
-"""preprocess's per-image work on a Dask cluster: the same shard bytes as the local pool, with the
-images decoded on the cluster's workers; on a LocalCluster of two worker processes, and on
-`dask scheduler` + `dask worker` processes started on loopback as a user starts them on several
-machines, one of which is killed half-way."""
+"""The per-image work of ingest and preprocess on a Dask cluster: the same manifest and shard bytes
+as the local pool, with the images read and decoded on the cluster's workers; on a LocalCluster
+of two worker processes, and on `dask scheduler` + `dask worker` processes started on loopback as
+a user starts them on several machines, one of which is killed half-way."""
 
 import hashlib
 import logging
@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster
 
 from imgpipe.core.params import Split, params_from_dict
 from imgpipe.data.splitting import assign
-from stages import preprocess
+from stages import ingest, preprocess
 from tests.data.test_ingest import flower_files
 from tests.e2e.helpers import eventually
 
@@ -73,15 +73,53 @@ def local(world):
     return folder_bytes(world / "local")
 
 
-def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, local, caplog):
+@pytest.fixture(scope="module")
+def cluster():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        workers = set(cluster.scheduler_info["workers"])
-        log = run(params(world, "on-cluster", executor="dask", scheduler=cluster.scheduler_address), caplog)
+        yield cluster
+
+
+def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, local, cluster, caplog):
+    workers = set(cluster.scheduler_info["workers"])
+    log = run(params(world, "on-cluster", executor="dask", scheduler=cluster.scheduler_address), caplog)
     assert folder_bytes(world / "on-cluster") == local
     assert "decoded on 2 Dask workers" in log, log
     for address in workers:
         assert address in log
     assert f"{3 * PER_CLASS} images decoded" in log
+
+
+def ingest_params(world, manifest: str, **runtime):
+    return params_from_dict({"ingest": {"source": str(world / "src")},
+                             "paths": {"manifest": str(world / manifest)},
+                             "runtime": {"ingest_cache_dir": "", **runtime}})
+
+
+def run_ingest(p, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ingest.run(p.ingest, p.paths, p.runtime)
+    return caplog.text
+
+
+def test_ingest_on_a_local_cluster_writes_the_local_pools_manifest(world, cluster, caplog, tmp_path):
+    run_ingest(ingest_params(world, "local.csv", workers=2), caplog)
+    expected = (world / "local.csv").read_bytes()
+    assert expected.count(b"\n") == 3 * PER_CLASS + 1
+
+    log = run_ingest(ingest_params(world, "dask.csv", executor="dask", scheduler=cluster.scheduler_address), caplog)
+    assert (world / "dask.csv").read_bytes() == expected
+    # 450 files in batches of 256: both workers got one
+    assert "described on 2 Dask workers" in log, log
+
+    # with the facts cache: this process looks the files up and stores what the workers found
+    cached = ingest_params(world, "cached.csv", executor="dask", scheduler=cluster.scheduler_address,
+                           ingest_cache_dir=str(tmp_path / "facts"))
+    run_ingest(cached, caplog)
+    log = run_ingest(cached, caplog)
+    assert (world / "cached.csv").read_bytes() == expected
+    assert f"{3 * PER_CLASS} unchanged files not read again" in log, log
+    assert "described on" not in log  # nothing was sent to the cluster
 
 
 def start(*args: str, log: Path) -> subprocess.Popen:
@@ -125,10 +163,14 @@ def test_scheduler_and_worker_processes_on_loopback_survive_a_killed_worker(worl
             killer.start()
             log = run(params(world, "on-loopback", executor="dask", scheduler=address), caplog)
             killer.join(timeout=5)
+            run_ingest(ingest_params(world, "loopback-local.csv", workers=1), caplog)
+            ingest_log = run_ingest(ingest_params(world, "loopback.csv", executor="dask", scheduler=address), caplog)
         assert killed.is_set() and victim.poll() is not None
         assert folder_bytes(world / "on-loopback") == local
         assert f"{3 * PER_CLASS} images decoded" in log, log
         assert "on the Dask cluster at tcp://127.0.0.1:" in log
+        assert (world / "loopback.csv").read_bytes() == (world / "loopback-local.csv").read_bytes()
+        assert "described on 2 Dask workers" in ingest_log, ingest_log
     finally:
         for proc in procs:
             if proc.poll() is None:
