@@ -6,8 +6,14 @@ so the workspace is left alone. The comparison comes from `dvc exp show --json`:
 experiment (and the baseline commit), with the params that differ between the rows and the
 top-level figures of every metrics file.
 
-    imgpipe flow experiments [--repo PATH] [--jobs N] \
+    imgpipe flow experiments [--repo PATH] [--jobs N | --dask-workers N | --address tcp://HOST:8786] \
         -e "train.learning_rate=0.01" -e "train.learning_rate=0.001 train.epochs=5"
+
+On a Dask cluster (`address`, or `dask_workers` for a local one) each experiment is instead one
+Prefect task run by prefect-dask's DaskTaskRunner on a worker: `dvc exp run --temp` there, in a
+temporary copy of the repository, so the cluster's machines run experiments side by side. Their
+workers need this project installed and the repository at the same path (a shared file system);
+the experiments' results land in the repository as DVC experiments, as the queue's do.
 """
 
 import json
@@ -22,10 +28,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_cli import dvc_env, run_dvc
+from flows.scaleout import task_runner, worker_address
 
 ARTIFACT_KEY = "experiments"
 # what `dvc exp run --queue` prints once the experiment is in the queue
 QUEUED = re.compile(r"Queued experiment '([^']+)' for future execution")
+# what `dvc exp run` prints once an experiment ran and was saved
+RAN = re.compile(r"Ran experiment\(s\): (\S+)")
 PARAMS_FILE = "params.yaml"
 
 
@@ -36,13 +45,33 @@ class ExperimentFailed(RuntimeError):
 @task(cache_policy=NO_CACHE)
 def queue_experiment(repo: str, overrides: list[str]) -> str:
     """Queue one experiment with these `-S` overrides; return the name DVC gave it."""
-    set_params = [arg for override in overrides for arg in ("-S", override)]
-    returncode, tail = run_dvc(repo, ["exp", "run", "--queue", *set_params], get_run_logger().info)
+    returncode, tail = run_dvc(repo, ["exp", "run", "--queue", *_set_params(overrides)], get_run_logger().info)
     names = [match.group(1) for line in tail if (match := QUEUED.search(line))]
     if returncode != 0 or not names:
         output = "\n".join(tail)
         raise ExperimentFailed(f"could not queue an experiment with {overrides}:\n{output}")
     return names[0]
+
+
+def _set_params(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("-S", override)]
+
+
+@task(cache_policy=NO_CACHE)
+def run_experiment(repo: str, overrides: list[str]) -> dict:
+    """Run one experiment here and now (on a Dask worker: the repository at the same path) in a
+    temporary copy of the repository: {"name": DVC's name for it, None if it failed, "worker":
+    the Dask worker's address}. A failure is logged with the experiment's last output lines."""
+    logger = get_run_logger()
+    # concurrent experiments take the repository's lock in turns when they start and finish
+    returncode, tail = run_dvc(repo, ["--wait-for-lock", "exp", "run", "--temp", *_set_params(overrides)],
+                               logger.info)
+    names = [match.group(1) for line in tail if (match := RAN.search(line))]
+    if returncode != 0 or not names:
+        output = "\n".join(tail)
+        logger.error("experiment %s failed (exit code %d):\n%s", " ".join(overrides), returncode, output)
+        return {"name": None, "worker": worker_address()}
+    return {"name": names[0], "worker": worker_address()}
 
 
 @task(cache_policy=NO_CACHE)
@@ -103,8 +132,9 @@ def _cell(value):
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _entries(show: list[dict], names: list[str]) -> list[tuple[str, str, dict]]:
-    """(experiment, state, params and metrics) of the baseline commit, then of each of `names`."""
+def _entries(show: list[dict], names: list[str], failed=frozenset()) -> list[tuple[str, str, dict]]:
+    """(experiment, state, params and metrics) of the baseline commit, then of each of `names`
+    (those in `failed`, which DVC did not keep, are "failed")."""
     baseline = next(entry for entry in show if entry["rev"] != "workspace")
     found = {
         exp["name"]: exp for exp in baseline.get("experiments") or [] if exp.get("name") in names
@@ -114,7 +144,7 @@ def _entries(show: list[dict], names: list[str]) -> list[tuple[str, str, dict]]:
     for name in names:
         exp = found.get(name)
         if exp is None:
-            entries.append((name, "not found", {}))
+            entries.append((name, "failed" if name in failed else "not found", {}))
             continue
         state = (exp.get("executor") or {}).get("state", "success")
         data = exp["revs"][0].get("data") or {}
@@ -125,7 +155,7 @@ def _entries(show: list[dict], names: list[str]) -> list[tuple[str, str, dict]]:
     return entries
 
 
-def comparison_rows(show: list[dict], names: list[str]) -> list[dict]:
+def comparison_rows(show: list[dict], names: list[str], failed=frozenset()) -> list[dict]:
     """The comparison table from `dvc exp show --json`: the baseline commit, then the experiments
     `names` in that order.
 
@@ -133,7 +163,7 @@ def comparison_rows(show: list[dict], names: list[str]) -> list[dict]:
     every param whose value differs between the rows, then the top-level metrics (named
     `file:metric` when two metrics files share a name). A missing value is None.
     """
-    rows = _entries(show, names)
+    rows = _entries(show, names, failed)
     params = [_params(data) for *_, data in rows]
     keys = sorted({key for row in params for key in row})
     # a row without params (an experiment not found) has nothing to compare
@@ -157,12 +187,32 @@ def comparison_rows(show: list[dict], names: list[str]) -> list[dict]:
     ]
 
 
+@flow(name="experiments-on-dask")
+def run_on_cluster(repo: str, overrides: list[list[str]]) -> list[dict]:
+    """Each experiment as a task run on the flow's task runner (a DaskTaskRunner), all at once;
+    what run_experiment says of each, in the order of `overrides`."""
+    futures = [
+        run_experiment.with_options(task_run_name=f"run {' '.join(o)}").submit(repo, o)
+        for o in overrides
+    ]
+    return [future.result() for future in futures]
+
+
 @flow(name="experiments")
 def experiments(
-    repo: str = ".", overrides: list[list[str]] | None = None, jobs: int = 1
+    repo: str = ".",
+    overrides: list[list[str]] | None = None,
+    jobs: int = 1,
+    dask_workers: int = 0,
+    address: str = "",
 ) -> list[dict]:
-    """Queue one DVC experiment per set of `-S` overrides, run them `jobs` at a time, and publish
-    the comparison table (artifact `experiments`).
+    """Run one DVC experiment per set of `-S` overrides and publish the comparison table
+    (artifact `experiments`).
+
+    Locally, the experiments are queued and DVC runs the queue `jobs` at a time. With `address`
+    (an existing Dask cluster's scheduler, tcp://HOST:8786) or `dask_workers` (a local cluster of
+    that many processes), each runs as a task on the cluster's workers (`dvc exp run --temp`),
+    and the table gains a `worker` column: the worker that ran it.
 
     Returns the table's rows. Fails, after publishing the table, if any experiment failed.
     """
@@ -170,13 +220,28 @@ def experiments(
         raise ValueError("no experiments: give one or more sets of overrides: [['train.epochs=5']]")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if address and dask_workers:
+        raise ValueError("give dask_workers (a local cluster) or address (an existing one), not both")
     repo = str(Path(repo).resolve())
-    names = [
-        queue_experiment.with_options(task_run_name=f"queue {' '.join(o)}")(repo, o)
-        for o in overrides
-    ]
-    run_queue(repo, jobs)
-    rows = comparison_rows(show_experiments(repo), names)
+    failed, workers = set(), {}
+    if address or dask_workers:
+        runner = task_runner(dask_workers, address) if dask_workers else task_runner(address=address)
+        names = []
+        for o, result in zip(overrides, run_on_cluster.with_options(task_runner=runner)(repo, overrides)):
+            name = result["name"] or f"exp run -S {' -S '.join(o)}"
+            names.append(name)
+            workers[name] = result["worker"]
+            if result["name"] is None:
+                failed.add(name)
+    else:
+        names = [
+            queue_experiment.with_options(task_run_name=f"queue {' '.join(o)}")(repo, o)
+            for o in overrides
+        ]
+        run_queue(repo, jobs)
+    rows = comparison_rows(show_experiments(repo), names, failed)
+    if workers:
+        rows = [{**row, "worker": workers.get(row["experiment"])} for row in rows]
     create_table_artifact(
         rows,
         key=ARTIFACT_KEY,
@@ -186,7 +251,7 @@ def experiments(
     failed = [row["experiment"] for row in rows[1:] if row["state"] != "success"]
     if failed:
         raise ExperimentFailed(
-            f"experiment(s) {', '.join(failed)} did not succeed; the run's logs have their output "
-            "(also: dvc queue logs <name>)"
+            f"experiment(s) {', '.join(failed)} did not succeed; the run's logs have their output"
+            + ("" if workers else " (also: dvc queue logs <name>)")
         )
     return rows

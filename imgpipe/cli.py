@@ -202,7 +202,14 @@ def flow_experiments(
                      "(repeat for more experiments)"),
     ],
     repo: DvcRepo = Path("."),
-    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="experiments run at a time")] = 1,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="experiments run at a time (DVC's queue)")] = 1,
+    dask_workers: Annotated[
+        int, typer.Option(min=0, help="run each experiment as a task on a local Dask cluster of this many "
+                          "processes (0 = DVC's queue)")] = 0,
+    address: Annotated[
+        str, typer.Option(help="run each experiment as a task on the Dask cluster of this scheduler, e.g. "
+                          "tcp://HOST:8786 (the repository at the same path on its workers)", show_default=False),
+    ] = "",
 ) -> None:
     """Run DVC experiments from Prefect and publish a comparison table (artifact `experiments`).
 
@@ -210,8 +217,12 @@ def flow_experiments(
     """
     from flows.experiments import ExperimentFailed, experiments
 
+    if address and dask_workers:
+        raise typer.BadParameter("give --dask-workers (a local cluster) or --address (an existing one), not both",
+                                 param_hint="'--address'")
     try:
-        rows = experiments(repo=str(repo), overrides=[shlex.split(e) for e in experiment], jobs=jobs)
+        rows = experiments(repo=str(repo), overrides=[shlex.split(e) for e in experiment], jobs=jobs,
+                           dask_workers=dask_workers, address=address)
     except ExperimentFailed as exc:
         _fail(f"experiments failed: {exc}")
     for row in rows:

@@ -76,6 +76,32 @@ def test_runs_queued_experiments_and_publishes_the_comparison(prefect_api, clien
     assert {exp["name"] for exp in shown[1]["experiments"]} == set(names[1:])
 
 
+def test_on_a_dask_cluster_each_experiment_runs_as_a_task_on_a_worker(prefect_api, client, tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    overrides = [["train.lr=0.5"], ["train.lr=0.25", "train.epochs=3"], ["train.lr=-1"]]
+
+    state = experiments(repo=str(repo), overrides=overrides, dask_workers=2, return_state=True)
+
+    assert state.is_failed()
+    flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    (table,) = artifacts(client, flow_run.id)["experiments"]
+    rows = table.data
+    names = [row["experiment"] for row in rows]
+    assert [(row["state"], row["train.lr"], row["score"]) for row in rows] == [
+        ("baseline", 0.1, 0.2), ("success", 0.5, 1.0), ("success", 0.25, 0.75),
+        # DVC keeps no trace of a failed `exp run --temp`: the row names its overrides
+        ("failed", None, None)]
+    assert names[3] == "exp run -S train.lr=-1" and names[3] in flow_run.state.message
+    # three tasks sent at once to two idle single-thread workers: both ran some
+    workers = [row["worker"] for row in rows[1:]]
+    assert all(w and w.startswith("tcp://127.0.0.1:") for w in workers), workers
+    assert len(set(workers)) == 2, workers
+    assert rows[0]["worker"] is None
+    assert json.loads((repo / "metrics.json").read_text())["score"] == 0.2
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    assert {exp["name"] for exp in shown[1]["experiments"]} == set(names[1:3])
+
+
 def test_a_bad_override_fails_at_queueing_with_dvcs_message(prefect_api, tmp_path):
     repo = make_repo(tmp_path / "repo")
 
