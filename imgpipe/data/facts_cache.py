@@ -4,7 +4,7 @@ DVC re-runs ingest whenever the raw folder changes, so a data set that grows by 
 every image read, hashed and decoded again. This cache keeps each file's manifest columns
 (everything but label, path and split) under the file's identity as the file system states it,
 the way DVC's own state database and git's index skip unchanged files: (path, inode, size,
-modification time in ns), plus what else decides the row (`max_pixels`, and a hash of the code
+modification time in ns; for a source at a URL, its size and ETag from the listing), plus what else decides the row (`max_pixels`, and a hash of the code
 that describes files and of OpenCV's version). A file rewritten in place gets a new
 modification time, so it is read again; a hit costs one `stat`. The first run of changed code
 deletes the entries the old code made, so the cache holds about one row per file, not one per
@@ -55,6 +55,11 @@ def file_key(path: str, max_pixels: int) -> str | None:
     # os.path.abspath only when needed: it costs as much as the stat
     absolute = path if os.path.isabs(path) else os.path.abspath(path)
     return f"{VERSION}|{max_pixels}|{info.st_ino}|{info.st_size}|{info.st_mtime_ns}|{absolute}"
+
+
+def stamp_key(url: str, stamp: str, max_pixels: int) -> str:
+    """The identity of a file at a URL: what its listing says changes with it (size, ETag)."""
+    return f"{VERSION}|{max_pixels}|{stamp}|{url}"
 
 
 class FactsCache:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from imgpipe.data import facts_cache
 from imgpipe.data.manifest import COLUMNS, FACTS, RECORD_COLUMNS
 from imgpipe.data.parallel import Batches
-from imgpipe.data.sources import Record, Source, TooLarge, hash_file, read_file
+from imgpipe.data.sources import Record, Source, TooLarge, hash_file, is_url, read_file
 from imgpipe.images import facts as image_facts
 from imgpipe.images import formats
 
@@ -243,6 +243,9 @@ def _look_up(records: list[Record], root: str, max_pixels: int) -> tuple[list, l
     if _reader is None:
         nothing = [None] * len(records)
         return nothing, nothing
+    if is_url(root):  # the listing's stamps: no request per file
+        keys = [None if r.problem else facts_cache.stamp_key(f"{root}/{r.path}", r.stamp, max_pixels) for r in records]
+        return keys, _reader.get(keys)
     base = os.path.abspath(root)  # once per batch: the keys hold absolute paths
     keys = [None if r.problem else facts_cache.file_key(os.path.join(base, r.path), max_pixels) for r in records]
     return keys, _reader.get(keys)

@@ -58,6 +58,7 @@ class Record(NamedTuple):  # a named tuple: one per input file, sent to a worker
     label: str  # class name; empty when the source gives none (the image is then quarantined)
     source_split: str  # train | val | test | "" (no split given by the source)
     problem: str = ""  # a reason the file must not be read (e.g. a link leaving the source)
+    stamp: str = ""  # a source at a URL: what changes when the file does (imgpipe/data/remote.py)
 
 
 def _utf8(name: str) -> bool:
@@ -193,36 +194,10 @@ class Source:
         labels, problems = _labels_rows(self.root, self.labels_csv)
         csv_file = self._relative(self.root / self.labels_csv)
         files = {rel: f for f in self._files(self.root) if (rel := self._relative(f)) != csv_file}
-        by_stem: dict[str, list[str]] = {}
-        for rel in files:
-            by_stem.setdefault(Path(rel).stem, []).append(rel)
-        folded: dict[str, str] | None = None  # a name's letters folded -> a file, built on the first miss
-        resolved: dict[str, tuple[str, int]] = {}
-        for line, (key, label) in labels.items():
-            rel = self._relative(self.root / key)
-            if rel not in files:
-                matches = by_stem.get(key, [])
-                if len(matches) > 1:
-                    problems.append((line, f"id {key!r} matches several files ({', '.join(matches[:3])})"))
-                    continue
-                if not matches:
-                    if folded is None:
-                        folded = {name.casefold(): name for name in [*files, *by_stem]}
-                    near = folded.get(rel.casefold()) or folded.get(key.casefold())
-                    hint = f" (there is {near!r}: the letter case differs)" if near else ""
-                    problems.append((line, f"{key!r} names no file in {self.root}{hint}"))
-                    continue
-                rel = matches[0]
-            if rel in resolved and resolved[rel][0] != label:
-                problems.append((line, f"{rel!r} is labelled {label!r} here and {resolved[rel][0]!r} on line "
-                                       f"{resolved[rel][1]}"))
-                continue
-            resolved.setdefault(rel, (label, line))
-        if problems:
-            raise bad_rows(self.root / self.labels_csv, problems)
+        resolved = resolve_labels(labels, problems, files, lambda key: self._relative(self.root / key),
+                                  self.root / self.labels_csv, self.root)
         for rel, f in files.items():  # files the CSV does not name are inputs too: listed without a label
             yield self._record(f, resolved.get(rel, ("",))[0], "")
-
     def _idx_records(self) -> Iterator[Record]:
         names = _class_names(self.root)
         used = {"classes.txt"}
@@ -279,7 +254,11 @@ class Source:
 
     @classmethod
     def from_params(cls, p) -> "Source":
-        """The source that params.yaml's `ingest:` section names."""
+        """The source that params.yaml's `ingest:` section names: a folder, or a URL (s3://...)."""
+        if is_url(p.source):
+            from imgpipe.data.remote import RemoteSource  # fsspec only for sources at a URL
+
+            return RemoteSource(p.source, p.layout, p.labels_csv)
         return cls(p.source, p.layout, p.labels_csv)
 
     def __enter__(self):
@@ -287,6 +266,41 @@ class Source:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def resolve_labels(labels: dict[int, tuple[str, str]], problems: list[tuple[int, str]], files: dict[str, object],
+                   relative, csv_path, folder) -> dict[str, tuple[str, int]]:
+    """{file (relative path): (label, line)} of the labels CSV's good rows (`labels`, by line), each
+    naming a file of `files` by its path (`relative(key)` of the row's key) or, without its extension,
+    by its name; a SourceError naming every bad row (`problems` and those found here) at once."""
+    by_stem: dict[str, list[str]] = {}
+    for rel in files:
+        by_stem.setdefault(Path(rel).stem, []).append(rel)
+    folded: dict[str, str] | None = None  # a name's letters folded -> a file, built on the first miss
+    resolved: dict[str, tuple[str, int]] = {}
+    for line, (key, label) in labels.items():
+        rel = relative(key)
+        if rel not in files:
+            matches = by_stem.get(key, [])
+            if len(matches) > 1:
+                problems.append((line, f"id {key!r} matches several files ({', '.join(matches[:3])})"))
+                continue
+            if not matches:
+                if folded is None:
+                    folded = {name.casefold(): name for name in [*files, *by_stem]}
+                near = folded.get(rel.casefold()) or folded.get(key.casefold())
+                hint = f" (there is {near!r}: the letter case differs)" if near else ""
+                problems.append((line, f"{key!r} names no file in {folder}{hint}"))
+                continue
+            rel = matches[0]
+        if rel in resolved and resolved[rel][0] != label:
+            problems.append((line, f"{rel!r} is labelled {label!r} here and {resolved[rel][0]!r} on line "
+                                   f"{resolved[rel][1]}"))
+            continue
+        resolved.setdefault(rel, (label, line))
+    if problems:
+        raise bad_rows(csv_path, problems)
+    return resolved
 
 
 class TooLarge(OSError):
@@ -297,9 +311,18 @@ class TooLarge(OSError):
         self.size = size
 
 
+def is_url(source: str | Path) -> bool:
+    """Whether ingest.source is a URL (s3://bucket/prefix, file:///data), read through fsspec."""
+    return "://" in str(source)
+
+
 def read_file(root: str | Path, path: str, limit: int | None = None) -> bytes:
-    """The bytes of the file at `path` (relative to the source folder `root`); TooLarge if it holds
-    more than `limit` bytes."""
+    """The bytes of the file at `path` (relative to the source folder `root`, or its URL); TooLarge
+    if it holds more than `limit` bytes."""
+    if is_url(root):
+        from imgpipe.data import remote
+
+        return remote.read_file(str(root), path, limit)
     # os.read on a descriptor: half the cost of open().read() (no file object, no buffer), which
     # counts when the file is a 3 KB thumbnail read once per image
     fd, size = _open_regular(root, path)
@@ -316,6 +339,10 @@ def read_file(root: str | Path, path: str, limit: int | None = None) -> bytes:
 
 def hash_file(root: str | Path, path: str) -> tuple[str, bytes, int]:
     """(sha1 hex digest, first 64 bytes, size) of a file, read 1 MB at a time: never all in memory."""
+    if is_url(root):
+        from imgpipe.data import remote
+
+        return remote.hash_file(str(root), path)
     digest, head, size = hashlib.sha1(), b"", 0
     fd, _ = _open_regular(root, path)
     try:
@@ -374,13 +401,21 @@ def _labels_rows(root: Path, name: str) -> tuple[dict[int, tuple[str, str]], lis
         raise SourceError(f"{path}: not UTF-8 text (byte {exc.start}); save the labels file as UTF-8") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot read labels file: {exc.strerror}") from None
+    root_resolved = root.resolve()
+    # realpath: Path.resolve raises on a loop of links (Python 3.11); the listing reports those
+    return parse_labels(text, path, lambda key: Path(key).is_absolute()
+                        or not Path(os.path.realpath(root / key)).is_relative_to(root_resolved))
+
+
+def parse_labels(text: str, path, outside) -> tuple[dict[int, tuple[str, str]], list[tuple[int, str]]]:
+    """The labels CSV's text as _labels_rows returns it; `outside(key)`: whether a row's key points
+    outside the source folder. `path` names the file in messages."""
     rows = list(csv.reader(text.splitlines()))
     if not rows:
         raise SourceError(f"{path}: empty labels file (expected a header, then `<file or id>,<label>` rows)")
     out: dict[int, tuple[str, str]] = {}
     problems: list[tuple[int, str]] = []
     seen: dict[str, tuple[int, str]] = {}
-    root_resolved = root.resolve()
     for line, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -392,8 +427,7 @@ def _labels_rows(root: Path, name: str) -> tuple[dict[int, tuple[str, str]], lis
             problems.append((line, f"expected `<file or id>,<label>`, got {got!r}{hint}"))
             continue
         key, label = row[0].strip(), row[1].strip()
-        # realpath: Path.resolve raises on a loop of links (Python 3.11); the listing reports those
-        if Path(key).is_absolute() or not Path(os.path.realpath(root / key)).is_relative_to(root_resolved):
+        if outside(key):
             problems.append((line, f"{key!r} points outside the source folder"))
             continue
         if key in seen:

@@ -1,9 +1,11 @@
 """What the end-to-end tests share: temporary git + DVC repositories, reading a real server, and
 rendering a page in headless Chromium with no network."""
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +29,36 @@ GIT_AUTHOR = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
 # Debian's chromium package; without it the browser tests are skipped
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (/usr/bin/chromium)")
+
+
+# moto accepts any credentials; made-up ones, so that no real ones are looked up and sent
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str):
+    """An S3 server on loopback (moto's server mode) holding an empty `bucket`; yields its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+        session.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        server.stop()
 
 
 def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
@@ -22,13 +23,14 @@ from imgpipe.core.params import Split, params_from_dict
 from imgpipe.data.splitting import assign
 from stages import ingest, preprocess
 from tests.data.test_ingest import flower_files
-from tests.e2e.helpers import eventually
+from tests.e2e.helpers import S3_ENV, eventually, s3_server
 
 # starts a cluster: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[2]
 CLASSES = ("daisy", "rose", "tulip")
+BUCKET = "imgpipe-photos"
 PER_CLASS = 150
 
 
@@ -46,10 +48,10 @@ def world(tmp_path_factory):
     return tmp
 
 
-def params(world, out, **runtime):
+def params(world, out, source=None, **runtime):
     # a large blur at a large size makes each image cost ~10 ms, so that a run lasts long enough to kill a worker in
     return params_from_dict({
-        "ingest": {"source": str(world / "src")},
+        "ingest": {"source": source or str(world / "src")},
         "preprocess": {"size": [320, 320], "colour_mode": "rgb", "blur_kernel": 31, "images_per_shard": 64},
         "paths": {"split": str(world / "split.csv"), "shards": str(world / out)},
         "runtime": runtime})
@@ -74,7 +76,20 @@ def local(world):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def s3_source(world):
+    """The photos in a bucket of an S3 server on loopback, and the environment that reaches it
+    (set before the cluster starts: its workers read the photos there); the source's URL."""
+    with s3_server(BUCKET) as endpoint, pytest.MonkeyPatch.context() as env:
+        for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            env.setenv(name, value)
+        client = boto3.client("s3")
+        for f in sorted((world / "src").rglob("*.jpg")):
+            client.upload_file(str(f), BUCKET, f"photos/{f.relative_to(world / 'src').as_posix()}")
+        yield f"s3://{BUCKET}/photos"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_source):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         yield cluster
 
@@ -120,6 +135,38 @@ def test_ingest_on_a_local_cluster_writes_the_local_pools_manifest(world, cluste
     assert (world / "cached.csv").read_bytes() == expected
     assert f"{3 * PER_CLASS} unchanged files not read again" in log, log
     assert "described on" not in log  # nothing was sent to the cluster
+
+
+def test_the_workers_read_the_raw_images_from_s3(world, local, cluster, s3_source, caplog, tmp_path):
+    """A source at an s3:// URL: listed by ingest, read by the Dask workers themselves (no shared
+    file system), the same manifest and shards as from the local folder."""
+    run_ingest(ingest_params(world, "local.csv", workers=1), caplog)
+    on_cluster = {"executor": "dask", "scheduler": cluster.scheduler_address}
+    p = params_from_dict({"ingest": {"source": s3_source}, "paths": {"manifest": str(world / "s3.csv")},
+                          "runtime": {**on_cluster, "ingest_cache_dir": str(tmp_path / "facts")}})
+    log = run_ingest(p, caplog)
+    assert (world / "s3.csv").read_bytes() == (world / "local.csv").read_bytes()
+    assert "described on 2 Dask workers" in log, log
+
+    # the listing's ETags say nothing changed: no object read again, nothing sent to the cluster
+    log = run_ingest(p, caplog)
+    assert f"{3 * PER_CLASS} unchanged files not read again" in log, log
+    assert "described on" not in log
+    # one object replaced by other bytes of the same size (one byte changed): that one is read again
+    replaced = sorted((world / "src" / "rose").glob("*.jpg"))[0]
+    key = f"photos/rose/{replaced.name}"
+    edited = bytearray(replaced.read_bytes())
+    edited[len(edited) // 2] ^= 0xFF
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=bytes(edited))
+    log = run_ingest(p, caplog)
+    assert f"{3 * PER_CLASS - 1} unchanged files not read again" in log, log
+    changed = pd.read_csv(world / "s3.csv").set_index("path")
+    assert changed.loc[f"rose/{replaced.name}", "id"] != hashlib.sha1(replaced.read_bytes()).hexdigest()
+    boto3.client("s3").upload_file(str(replaced), BUCKET, key)  # as it was, for the shards below
+
+    log = run(params(world, "from-s3", source=s3_source, **on_cluster), caplog)
+    assert folder_bytes(world / "from-s3") == local
+    assert f"{3 * PER_CLASS} images decoded" in log and "decoded on 2 Dask workers" in log, log
 
 
 def start(*args: str, log: Path) -> subprocess.Popen:

@@ -7,12 +7,11 @@ moto's server mode with made-up credentials (dvc-s3 talks to it as to AWS).
 
 import hashlib
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import commit, dvc, git_dvc_repo, sh
+from tests.e2e.helpers import S3_ENV, commit, dvc, git_dvc_repo, s3_server, sh
 
 # starts a server or a cluster, or runs the pipeline: `make test-fast` leaves it out
 pytestmark = pytest.mark.slow
@@ -20,13 +19,6 @@ pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[2]
 FLOWERS = PROJECT.parent / "shared" / "datasets" / "flowers5-128px" / "flowers"
 BUCKET = "imgpipe-test"
-# moto accepts any credentials; made-up ones, so that no real ones are looked up and sent
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 # The stage's output: how many bytes each photo has, one line per photo.
 STAGES = {
     "sizes": {
@@ -47,22 +39,8 @@ def digests(root: Path, paths: list[str]) -> dict[str, str]:
 
 @pytest.fixture
 def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-        )
-        session.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+    with s3_server(BUCKET) as url:
         yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
