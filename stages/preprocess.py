@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 def train_stats(runner: Batches, ingest: Ingest, files: dict[str, pd.DataFrame], p: Preprocess, channels: int):
     paths = [path for name, m in files.items() if name.startswith("train-") for path in m["path"]]
     stats = ChannelStats(channels)
-    jobs = ((ingest, p, channels, batch) for batch in encoding.batches(paths))
+    size = encoding.DASK_BATCH if runner.on_dask else encoding.BATCH
+    jobs = ((ingest, p, channels, batch) for batch in encoding.batches(paths, size))
     with tqdm(total=len(paths), desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
         for part in runner.map(encoding.channel_sums, jobs):  # in order: the same sums whatever runs them
             stats.merge(part)
@@ -129,7 +130,8 @@ def update(runner: Batches, ingest: Ingest, folder: Path, files: dict[str, pd.Da
             olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
             stored = shards.stored_records(folder / n for n in sorted(olds) if n in old["shards"])
         missing = [path for image_id, path in zip(members["id"], members["path"]) if image_id not in stored]
-        handles = [runner.submit(encoding.encode, (ingest, p, mean, std, batch)) for batch in encoding.batches(missing)]
+        size = encoding.DASK_BATCH if runner.on_dask else encoding.BATCH
+        handles = [runner.submit(encoding.encode, (ingest, p, mean, std, batch)) for batch in encoding.batches(missing, size)]
         return name, members, stored, handles
 
     decoded = reused = 0

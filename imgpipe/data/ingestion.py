@@ -195,7 +195,7 @@ def _on_cluster(cluster: Batches, batches: Iterable[list[Record]], root: str, ma
 
     This process looks the files up in the facts cache (the workers, on other machines, may not
     reach it) and sends a worker only the batches with files to read, with what the cache knows;
-    a batch the cache knows whole is made here. At most twice as many batches in flight as workers.
+    a batch the cache knows whole is made here. At most `cluster.in_flight` batches in flight.
     """
     pending = collections.deque()
     for batch in batches:
@@ -204,7 +204,7 @@ def _on_cluster(cluster: Batches, batches: Iterable[list[Record]], root: str, ma
             pending.append(cluster.submit(describe_files, (batch, root, max_pixels, looked_up)))
         else:
             pending.append(describe_files(batch, root, max_pixels, looked_up))
-        if len(pending) >= 2 * cluster.workers:
+        if len(pending) >= cluster.in_flight:
             yield _finished(cluster, pending.popleft())
     while pending:
         yield _finished(cluster, pending.popleft())

@@ -1,8 +1,9 @@
 """Per-image work in batches, on a local process pool or on a Dask cluster, results in order.
 
 `Batches(executor, workers, scheduler).map(fn, jobs)` calls `fn(*job)` for each job on a worker
-and yields the results in the order of `jobs`, with a bounded number of jobs in flight (so a
-stage streams: memory does not grow with the data); `submit` and `result` do the same one job
+and yields the results in the order of `jobs`, with a bounded number of jobs in flight (2 per
+worker locally, 8 on Dask, whose round trips are longer; so a stage streams: memory does not grow
+with the data); `submit` and `result` do the same one job
 at a time, for callers that keep their own window. The same function on the same jobs gives
 the same results whichever runs it, so the outputs do not depend on the executor.
 
@@ -23,6 +24,7 @@ import multiprocessing
 from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
+DASK_JOBS_PER_WORKER = 8
 
 
 class Batches:
@@ -30,6 +32,9 @@ class Batches:
         self.executor, self.workers, self.scheduler = executor, max(workers, 1), scheduler
         self._pool = self._client = self._cluster = None
         self.where: collections.Counter = collections.Counter()  # jobs done per Dask worker address
+        # jobs in flight per worker: a job's round trip through a Dask scheduler costs milliseconds
+        # (14 ms at load 9 on 2 cores, bench/RESULTS.md), against 0.2 ms through a local pool's pipe
+        self.in_flight = 2 * self.workers
 
     def __enter__(self) -> "Batches":
         if self.executor == "dask":
@@ -42,8 +47,13 @@ class Batches:
                                              dashboard_address=None)
                 self._client = Client(self._cluster)
             self.workers = max(len(self._client.scheduler_info()["workers"]), 1)
+            self.in_flight = DASK_JOBS_PER_WORKER * self.workers
             log.info("on the Dask cluster at %s: %d workers", self._client.scheduler.address, self.workers)
         return self
+
+    @property
+    def on_dask(self) -> bool:
+        return self._client is not None
 
     def _local_pool(self):
         # started at the first job, so that a run with nothing to decode starts no process
@@ -61,11 +71,11 @@ class Batches:
             self._cluster.close()
 
     def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator:
-        """fn(*job) for each job, in order; at most twice as many jobs in flight as workers."""
+        """fn(*job) for each job, in order, with at most `in_flight` jobs in flight."""
         pending: collections.deque = collections.deque()
         for job in jobs:
             pending.append(self.submit(fn, job))
-            if len(pending) >= 2 * self.workers:
+            if len(pending) >= self.in_flight:
                 yield self.result(pending.popleft())
         while pending:
             yield self.result(pending.popleft())

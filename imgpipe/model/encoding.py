@@ -17,6 +17,8 @@ from imgpipe.model.shards import pixel_bytes
 # images per job sent to a worker: enough that the per-job overhead (~1 ms on Dask) is small,
 # few enough that the workers are all busy on a file of a few hundred images
 BATCH = 64
+# on Dask, where a job's round trip costs milliseconds (bench/RESULTS.md): 4x as many
+DASK_BATCH = 256
 
 _sources: dict[Ingest, Source] = {}
 

@@ -1,0 +1,240 @@
+"""Ingest and preprocess on a Dask cluster against the local process pool: the same images, the
+same run, side by side (issue 14's throughput benchmark), and what a batch costs on Dask.
+
+Data: `--dataset fashion100k` writes Fashion-MNIST as 100,000 PNG files (the 70,000 images, and
+30,000 training images again mirrored, so that no two files are the same), class folders under
+train/ and test/; `--dataset flowers5x` the 4,317 flower photos at five JPEG qualities (21,585
+files of 128 px: photo-sized decoding). Prepared once in the benchmark folder (bench/workspace.py).
+
+Each round runs each stage (`python -m stages.<stage> --params ...`, as `dvc repro` runs it,
+without DVC) three ways, interleaved, from nothing every time (no facts cache, no shards):
+
+- local: `runtime.executor: local`, a pool of 2 worker processes (the default);
+- cluster: `runtime.executor: dask` on a running cluster (`dask scheduler` and two `dask worker
+  --nthreads 1` processes on loopback, started once by this script, as a user starts them);
+- local-cluster: `runtime.executor: dask` with `scheduler: ""`, a LocalCluster of 2 processes the
+  stage starts and stops itself (its start-up included).
+
+Per run: wall seconds of the whole process (imports included), the stage's own `run()` ("done in
+N s" in its log), the CPU seconds of the stage's process and its children (`/usr/bin/time`: with
+`cluster`, the Dask workers are not its children, so that is the stage's own process alone: the
+part that does not spread over machines), and whether the output is byte for byte the local one.
+Then a micro-benchmark: one job per batch of 256 paths, doing nothing but count them, on the
+local pool and on the cluster, so the per-batch cost of each is seen alone.
+
+    .venv/bin/python bench/dask_throughput_bench.py --dataset fashion100k --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.workspace import ROOT, SHARED, environment, run_stage, write_params  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
+VARIANTS = ("local", "cluster", "local-cluster")
+DATASETS = {
+    "fashion100k": {"split.method": "source", "split.max_train_per_class": 0, "split.max_val_per_class": 0},
+    "flowers5x": {"split.method": "hash", "split.max_train_per_class": 0, "split.max_val_per_class": 0,
+                  "preprocess.colour_mode": "rgb", "preprocess.size": [96, 96]},
+}
+
+
+def write_fashion(raw: Path) -> None:
+    """Fashion-MNIST as PNG files, plus the first 30,000 training images mirrored: 100,000 files."""
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        with gzip.open(FASHION / f"{prefix}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(FASHION / f"{prefix}-labels-idx1-ubyte.gz") as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = raw / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / f"{i:05d}.png"), image)
+            if split == "train" and i < 30_000:
+                cv2.imwrite(str(folder / f"{i:05d}m.png"), cv2.flip(image, 1))
+
+
+def write_flowers(raw: Path) -> None:
+    for i, src in enumerate(sorted(FLOWERS.glob("*/*.jpg"))):
+        image = cv2.imread(str(src), cv2.IMREAD_COLOR)
+        (raw / src.parent.name).mkdir(parents=True, exist_ok=True)
+        for k, quality in enumerate((95, 85, 75, 65, 55)):
+            out = cv2.flip(image, 1) if (i + k) % 2 else image
+            cv2.imwrite(str(raw / src.parent.name / f"{src.stem}_q{quality}.jpg"), out,
+                        [cv2.IMWRITE_JPEG_QUALITY, quality])
+
+
+def prepare(name: str) -> Path:
+    """The workspace: raw files, then ingest, validate and split run once (the preprocess runs' input)."""
+    folder = ROOT / "throughput" / name
+    raw = folder / "raw"
+    if not (folder / ".prepared").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        raw.mkdir(parents=True)
+        print(f"writing {name} into {raw} ...", flush=True)
+        write_fashion(raw) if name == "fashion100k" else write_flowers(raw)
+        write_params(folder, {**DATASETS[name], "ingest.source": str(raw), "runtime.ingest_cache_dir": "",
+                              "runtime.workers": 2})
+        for stage in ("ingest", "validate", "split"):
+            run_stage(folder, stage)
+        (folder / ".prepared").touch()
+    return folder
+
+
+def start_cluster(folder: Path) -> tuple[str, list[subprocess.Popen]]:
+    """`dask scheduler` and two single-thread `dask worker` processes on loopback; the scheduler's address."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler_file = folder / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
+    env = {**environment(), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    log = (folder / "cluster.log").open("w")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(scheduler_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for _ in range(2):
+        procs.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                                       "--no-dashboard", "--host", "127.0.0.1"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    from distributed import Client
+
+    with Client(scheduler_file=str(scheduler_file)) as client:
+        client.wait_for_workers(2, timeout=60)
+        return client.scheduler.address, procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+def runtime_overrides(variant: str, address: str) -> dict:
+    common = {"runtime.workers": 2, "runtime.ingest_cache_dir": ""}
+    if variant == "local":
+        return {**common, "runtime.executor": "local"}
+    return {**common, "runtime.executor": "dask", "runtime.scheduler": address if variant == "cluster" else ""}
+
+
+def output_digest(path: Path) -> str:
+    """A digest of a file's bytes, or of a folder's files (names within it and bytes)."""
+    if path.is_file():
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    digest = hashlib.sha1()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def timed_stage(folder: Path, stage: str, params: Path) -> dict:
+    """Run one stage in a child process; wall, its run(), CPU and peak RSS of the process tree it waits for."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %U %S %M", sys.executable, "-m", f"stages.{stage}",
+                           "--params", str(params)], cwd=folder, env=environment(), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
+    user, system, rss = re.findall(r"^TIME ([0-9.]+) ([0-9.]+) (\d+)$", proc.stderr, re.M)[-1]
+    work = re.search(rf"{stage}: done in ([0-9.]+) s", proc.stderr)
+    return {"wall": round(wall, 2), "run": float(work.group(1)) if work else None,
+            "cpu": round(float(user) + float(system), 2), "peak_mb": round(int(rss) / 1024)}
+
+
+def per_batch_cost(address: str, batches: int = 400, size: int = 256) -> dict:
+    """Seconds per job of a batch of `size` paths that only counts them: local pool vs the cluster."""
+    from imgpipe.data.parallel import Batches
+
+    paths = [f"train/class{i % 10}/{i:05d}.png" for i in range(size)]
+    jobs = [(paths,)] * batches
+    out = {}
+    for name, executor, scheduler in (("local", "local", ""), ("cluster", "dask", address)):
+        with Batches(executor, 2, scheduler) as runner:
+            list(runner.map(len, jobs[:20]))  # start-up and first contact left out
+            start = time.perf_counter()
+            assert sum(runner.map(len, jobs)) == batches * size
+            out[name] = (time.perf_counter() - start) / batches
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="fashion100k")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    folder = prepare(args.dataset)
+    files = sum(1 for _ in open(folder / "data/interim/manifest.csv")) - 1
+    print(f"{args.dataset}: {files} files; load average {os.getloadavg()[0]:.1f}", flush=True)
+    address, procs = start_cluster(folder)
+    results = {"dataset": args.dataset, "files": files, "runs": [], "load": [os.getloadavg()[0]]}
+    try:
+        params = {}
+        for variant in VARIANTS:
+            params[variant] = write_params(folder, {**DATASETS[args.dataset], "ingest.source": str(folder / "raw"),
+                                                    "paths.manifest": f"data/interim/manifest-{variant}.csv",
+                                                    "paths.shards": f"data/shards-{variant}",
+                                                    **runtime_overrides(variant, address)},
+                                           name=f"params-{variant}.yaml")
+        for round_ in range(args.rounds):
+            for stage in ("ingest", "preprocess"):
+                for variant in VARIANTS:
+                    shutil.rmtree(folder / f"data/shards-{variant}", ignore_errors=True)
+                    row = {"round": round_, "stage": stage, "variant": variant,
+                           **timed_stage(folder, stage, params[variant])}
+                    out = folder / (f"data/interim/manifest-{variant}.csv" if stage == "ingest"
+                                    else f"data/shards-{variant}")
+                    row["digest"] = output_digest(out)
+                    results["runs"].append(row)
+                    print(f"  round {round_} {stage:10s} {variant:13s} wall {row['wall']:6.1f} s, run() "
+                          f"{row['run']:6.1f} s, cpu {row['cpu']:6.1f} s, peak {row['peak_mb']} MB", flush=True)
+        results["per_batch"] = per_batch_cost(address)
+        results["load"].append(os.getloadavg()[0])
+    finally:
+        stop(procs)
+    report(results)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def report(r: dict) -> None:
+    print(f"\n{r['dataset']}: {r['files']} files, load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}\n")
+    print("| stage | variant | wall s (median) | run() s | images/s (run) | x local (run) | CPU s of the stage's "
+          "process tree | peak MB | same bytes as local |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for stage in ("ingest", "preprocess"):
+        rows = {v: [x for x in r["runs"] if x["stage"] == stage and x["variant"] == v] for v in VARIANTS}
+        local_run = float(np.median([x["run"] for x in rows["local"]]))
+        local_digest = rows["local"][0]["digest"]
+        for v in VARIANTS:
+            run = float(np.median([x["run"] for x in rows[v]]))
+            print(f"| {stage} | {v} | {np.median([x['wall'] for x in rows[v]]):.1f} | {run:.1f} | "
+                  f"{r['files'] / run:,.0f} | {local_run / run:.2f} | {np.median([x['cpu'] for x in rows[v]]):.1f} | "
+                  f"{max(x['peak_mb'] for x in rows[v])} | "
+                  f"{'yes' if all(x['digest'] == local_digest for x in rows[v]) else 'NO'} |")
+    pb = r["per_batch"]
+    print(f"\nper batch of 256 paths doing nothing: local pool {pb['local'] * 1e3:.2f} ms, "
+          f"cluster {pb['cluster'] * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
