@@ -11,7 +11,8 @@ the same results whichever runs it, so the outputs do not depend on the executor
   never inherit the caller's threads (TensorFlow's, in preprocess).
 - dask: a `distributed.Client` on the scheduler at `scheduler` (`dask scheduler` on one machine,
   `dask worker tcp://host:8786` on each of the others), or on a `LocalCluster` of `workers`
-  processes when it is empty. Dask retries a job whose worker died (distributed.scheduler.
+  processes when it is empty; connected (or started) at the first job, so a run with nothing to
+  do starts nothing. Dask retries a job whose worker died (distributed.scheduler.
   allowed-failures, 3 by default); `fn` must be importable on the workers (install imgpipe there).
 """
 
@@ -34,10 +35,18 @@ class Batches:
         self.where: collections.Counter = collections.Counter()  # jobs done per Dask worker address
         # jobs in flight per worker: a job's round trip through a Dask scheduler costs milliseconds
         # (14 ms at load 9 on 2 cores, bench/RESULTS.md), against 0.2 ms through a local pool's pipe
-        self.in_flight = 2 * self.workers
+        self.in_flight = (DASK_JOBS_PER_WORKER if executor == "dask" else 2) * self.workers
 
     def __enter__(self) -> "Batches":
-        if self.executor == "dask":
+        return self
+
+    @property
+    def on_dask(self) -> bool:
+        return self.executor == "dask"
+
+    def _dask(self):
+        # connected at the first job, so that a run with nothing to decode starts no cluster
+        if self._client is None:
             from distributed import Client, LocalCluster
 
             if self.scheduler:
@@ -49,11 +58,7 @@ class Batches:
             self.workers = max(len(self._client.scheduler_info()["workers"]), 1)
             self.in_flight = DASK_JOBS_PER_WORKER * self.workers
             log.info("on the Dask cluster at %s: %d workers", self._client.scheduler.address, self.workers)
-        return self
-
-    @property
-    def on_dask(self) -> bool:
-        return self._client is not None
+        return self._client
 
     def _local_pool(self):
         # started at the first job, so that a run with nothing to decode starts no process
@@ -82,16 +87,16 @@ class Batches:
 
     def submit(self, fn: Callable, job: tuple):
         """Start fn(*job) (with one worker: later, in this process, when its result is asked for)."""
-        if self._client is not None:
+        if self.on_dask:
             # pure=False: two jobs with equal arguments are still two jobs
-            return self._client.submit(_on_worker, fn, job, pure=False)
+            return self._dask().submit(_on_worker, fn, job, pure=False)
         if self._local_pool() is not None:
             return self._pool.submit(fn, *job)
         return lambda: fn(*job)
 
     def result(self, handle):
         """What `submit` started, once done; a job's exception is raised here."""
-        if self._client is not None:
+        if self.on_dask:
             address, result = handle.result()
             self.where[address] += 1
             return result

@@ -103,6 +103,10 @@ def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, loca
         assert address in log
     assert f"{3 * PER_CLASS} images decoded" in log
 
+    # nothing left to decode: no cluster is started (scheduler "" would start a LocalCluster)
+    log = run(params(world, "on-cluster", executor="dask"), caplog)
+    assert "shards up to date" in log and "Dask cluster" not in log, log
+
 
 def ingest_params(world, manifest: str, **runtime):
     return params_from_dict({"ingest": {"source": str(world / "src")},
