@@ -10,8 +10,11 @@ repro` runs it, with its peak resident memory (ru_maxrss of the child, from `/us
 - split (`python -m stages.split`);
 - rebalance (`python -m stages.rebalance`);
 - preprocess's table work: the split table read and laid out into shard files with each file's
-  members digest, in one process (`layout` and `members_digest`, as the stage does before it
-  decodes anything).
+  members digest, and every file's members streamed in order, in one process (`Layout.of` and
+  `Layout.members`, what the stage does on a full run besides decoding and writing).
+
+With `--stages rebalance preprocess_tables` the split table is made from the manifest in chunks
+(`split_table`), so that 10M rows can be measured without validate and split.
 
 Usage: .venv/bin/python bench/table_memory_bench.py --rows 100000 1000000
 """
@@ -37,16 +40,17 @@ from imgpipe.data.manifest import COLUMNS  # noqa: E402
 
 PREPROCESS_TABLE_WORK = """
 import sys, time
-from imgpipe.data.manifest import read_split
+from imgpipe.data import tables
 from imgpipe.model import shards
 t = time.perf_counter()
-frame = read_split(sys.argv[1])
-used = frame[frame["split"].isin(("train", "val", "test"))]
-index = {c: i for i, c in enumerate(sorted(frame["label"].unique()))}
-files = shards.layout(used, index, 2048)
-digests = {name: shards.members_digest(m) for name, m in files.items()}
-print(f"{len(files)} files in {time.perf_counter() - t:.1f} s")
+with tables.connect() as con:
+    columns = tables.read(con, sys.argv[1], "split table", "split", "split_table")
+    con.execute("CREATE TEMP VIEW split AS SELECT * FROM split_table")
+    layout = shards.Layout.of(con, 2048, arrival="arrival" in columns)
+    images = sum(len(members) for _, members in layout.members(list(layout.files)))
+print(f"{len(layout.files)} files, {images} images streamed in {time.perf_counter() - t:.1f} s")
 """
+STAGES = ("validate", "split", "rebalance", "preprocess_tables")
 
 
 def manifest(rows: int, path: Path) -> None:
@@ -73,6 +77,25 @@ def manifest(rows: int, path: Path) -> None:
             frame.to_csv(fh, header=False, index=False, lineterminator="\n")
 
 
+def split_table(manifest_path: Path, path: Path) -> None:
+    """A split table for a manifest without running validate and split (which hold it all in
+    memory at these sizes): each image in its own group, assigned by its bucket as split.method
+    hash does with the default buckets, numbered in arrival order per split; written in chunks."""
+    taken = {"train": 0, "val": 0, "test": 0}
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        for i, chunk in enumerate(pd.read_csv(manifest_path, dtype=str, keep_default_na=False, chunksize=200_000)):
+            bucket = chunk["id"].str[-2:].map(lambda h: int(h, 16))
+            assigned = np.where(bucket <= 25, "test", np.where(bucket <= 51, "val", "train"))
+            arrival = np.zeros(len(chunk), dtype=np.int64)
+            for name in taken:
+                mask = assigned == name
+                arrival[mask] = taken[name] + np.arange(mask.sum())
+                taken[name] += int(mask.sum())
+            chunk = chunk.assign(group=chunk["id"], bucket=bucket, assigned=assigned, arrival=arrival,
+                                 split=assigned, reason="")
+            chunk.to_csv(fh, header=i == 0, index=False, lineterminator="\n")
+
+
 def peak(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     """(peak RSS in MB, seconds, the last lines of output) of `cmd` as a child process."""
     start = time.perf_counter()
@@ -89,6 +112,8 @@ def peak(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="without validate and split, the split table is made by split_table()")
     args = parser.parse_args()
     results = []
     for rows in args.rows:
@@ -102,19 +127,20 @@ def main() -> None:
             manifest(rows, work / "data/interim/manifest.csv")
         (work / "data/interim/split_state.csv").unlink(missing_ok=True)
         row = {"rows": rows, "manifest_mb": round((work / "data/interim/manifest.csv").stat().st_size / 2**20, 1)}
-        for stage in ("validate", "split", "rebalance"):
-            rss, seconds, tail = peak([sys.executable, "-m", f"stages.{stage}"], work)
+        if "split" not in args.stages:
+            split_table(work / "data/interim/manifest.csv", work / "data/interim/split.csv")
+        for stage in args.stages:
+            cmd = ([sys.executable, "-c", PREPROCESS_TABLE_WORK, "data/interim/split.csv"] if stage == "preprocess_tables"
+                   else [sys.executable, "-m", f"stages.{stage}"])
+            rss, seconds, tail = peak(cmd, work)
             row[stage] = {"peak_mb": round(rss), "seconds": round(seconds, 1)}
             print(f"{rows} rows, {stage}: {rss:.0f} MB, {seconds:.1f} s  [{tail}]", flush=True)
-        rss, seconds, tail = peak([sys.executable, "-c", PREPROCESS_TABLE_WORK, "data/interim/split.csv"], work)
-        row["preprocess_tables"] = {"peak_mb": round(rss), "seconds": round(seconds, 1)}
-        print(f"{rows} rows, preprocess's table work: {rss:.0f} MB, {seconds:.1f} s  [{tail}]", flush=True)
         results.append(row)
     print(json.dumps(results, indent=1))
-    (ROOT / "tables" / "results.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "tables" / f"results-{'-'.join(args.stages)}.json").write_text(json.dumps(results, indent=1))
     if len(results) > 1:
         a, b = results[0], results[-1]
-        for key in ("validate", "split", "rebalance", "preprocess_tables"):
+        for key in args.stages:
             print(f"{key}: {b[key]['peak_mb']} / {a[key]['peak_mb']} MB = {b[key]['peak_mb'] / a[key]['peak_mb']:.2f}x "
                   f"for {b['rows'] / a['rows']:.0f}x the rows")
 

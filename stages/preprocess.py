@@ -30,10 +30,9 @@ from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Preprocess, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.data.ingestion import available_cores
-from imgpipe.data.manifest import read_split
+from imgpipe.data import tables
 from imgpipe.data.parallel import Batches
 from imgpipe.data.sources import Source
-from imgpipe.data.splitting import arrivals_in_id_order
 from imgpipe.images.transforms import ChannelStats
 from imgpipe.model import encoding, shards
 
@@ -43,12 +42,13 @@ SECTIONS = ("preprocess", "paths", "ingest", "runtime")
 log = logging.getLogger(__name__)
 
 
-def train_stats(runner: Batches, ingest: Ingest, files: dict[str, pd.DataFrame], p: Preprocess, channels: int):
-    paths = [path for name, m in files.items() if name.startswith("train-") for path in m["path"]]
-    stats = ChannelStats(channels)
+def train_stats(runner: Batches, ingest: Ingest, layout: shards.Layout, p: Preprocess, channels: int):
+    train = [name for name in layout.files if name.startswith("train-")]
     size = encoding.DASK_BATCH if runner.on_dask else encoding.BATCH
-    jobs = ((ingest, p, channels, batch) for batch in encoding.batches(paths, size))
-    with tqdm(total=len(paths), desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
+    paths = (path for _, members in layout.members(train) for path in members["path"])
+    stats = ChannelStats(channels)
+    jobs = ((ingest, p, channels, batch) for batch in encoding.chunks(paths, size))
+    with tqdm(total=layout.counts["train"], desc="train mean/std", unit="img", mininterval=2, disable=None) as bar:
         for part in runner.map(encoding.channel_sums, jobs):  # in order: the same sums whatever runs them
             stats.merge(part)
             bar.update(part.n // (p.size[0] * p.size[1]))
@@ -57,18 +57,21 @@ def train_stats(runner: Batches, ingest: Ingest, files: dict[str, pd.DataFrame],
 
 def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = None) -> None:
     runtime = runtime or Runtime()
-    frame = read_split(paths.split)
-    if "arrival" not in frame.columns:
-        frame["arrival"] = arrivals_in_id_order(frame, "split")
-    classes = sorted(frame["label"].unique())
-    index = {c: i for i, c in enumerate(classes)}
+    with tables.connect() as con:
+        columns = tables.read(con, paths.split, "split table", "split", "split_table")
+        con.execute("CREATE TEMP VIEW split AS SELECT * FROM split_table")
+        layout = tables.guarded(lambda: shards.Layout.of(con, p.images_per_shard, SPLITS, "arrival" in columns),
+                                f"{paths.split}: not a readable split table")
+        write_shards(p, paths, ingest, runtime, layout)
+
+
+def write_shards(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime, layout: shards.Layout) -> None:
     channels = 1 if p.colour_mode == "grey" else 3
-    used = frame[frame["split"].isin(SPLITS)]
-    if not (used["split"] == "train").any():
+    if not layout.counts["train"]:
         raise StageError(f"{paths.split} has no training images")
     folder = Path(paths.shards)
-    files = shards.layout(used, index, p.images_per_shard, SPLITS)
-    digests = {name: shards.members_digest(members) for name, members in files.items()}
+    files = layout.files
+    digests = {name: entry["members"] for name, entry in files.items()}
     old = shards.previous_meta(folder)
     if old is not None and old.get("preprocess") != shards.pixel_params(p):
         old = None  # other pixels: nothing of the old files can be kept
@@ -84,22 +87,22 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = N
                 mean, std = old["mean"], old["std"]
                 log.info("train unchanged: its mean and std as last run's, %s and %s", mean, std)
             else:
-                mean, std = train_stats(runner, ingest, files, p, channels)
-                log.info("train mean and std of %d images: %s and %s", (used["split"] == "train").sum(), mean, std)
+                mean, std = train_stats(runner, ingest, layout, p, channels)
+                log.info("train mean and std of %d images: %s and %s", layout.counts["train"], mean, std)
         if old is not None and (old.get("mean"), old.get("std")) != (mean, std):
             old = None
         keep = shards.kept(folder, digests, old)
         meta = {
             "height": p.size[0], "width": p.size[1], "channels": channels, "dtype": "float16",
-            "classes": classes,
-            "counts": {s: int((used["split"] == s).sum()) for s in SPLITS},
-            "class_counts": {s: {c: int(((used["split"] == s) & (used["label"] == c)).sum()) for c in classes} for s in SPLITS},
+            "classes": layout.classes,
+            "counts": layout.counts,
+            "class_counts": layout.class_counts,
             "files": {s: [n for n in files if n.startswith(f"{s}-")] for s in SPLITS},
             "mean": mean, "std": std,
             # every param that decides the pixels (once: the export, train and the feature cache read it here)
             "preprocess": shards.pixel_params(p),
             "images_per_shard": p.images_per_shard,
-            "shards": {name: {"count": len(files[name]), "members": digests[name]} for name in files},
+            "shards": files,
         }
         stale = [e for e in folder.iterdir() if e.name not in files and e.name != shards.META] if folder.is_dir() else []
         if len(keep) == len(files) and not stale and old == json.loads(json.dumps(meta)):
@@ -107,7 +110,7 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = N
             return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / shards.META).unlink(missing_ok=True)  # from here on, the folder is not a finished run's
-        update(runner, ingest, folder, files, keep, old, p, mean, std)
+        update(runner, ingest, folder, layout, keep, old, p, mean, std)
         for entry in stale:  # files of no image any more, and what a killed run left
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
         write_json(folder / shards.META, meta)
@@ -115,16 +118,16 @@ def run(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime | None = N
         log.info("%s: %d images in %d shards", s, meta["counts"][s], len(meta["files"][s]))
 
 
-def update(runner: Batches, ingest: Ingest, folder: Path, files: dict[str, pd.DataFrame], keep: set[str],
+def update(runner: Batches, ingest: Ingest, folder: Path, layout: shards.Layout, keep: set[str],
            old: dict | None, p: Preprocess, mean, std) -> None:
-    """Write every file of `files` not in `keep`: the records the old files hold with the same
+    """Write every file of the layout not in `keep`: the records the old files hold with the same
     pixels (`old` is not None) copied, the other images decoded by `runner`'s workers. The next
     file's images are sent to the workers before this file's are waited for."""
-    todo = [name for name in files if name not in keep]
+    todo = [name for name in layout.files if name not in keep]
     old_per_shard = (old or {}).get("images_per_shard")
 
-    def start(name: str):
-        members, split = files[name], name.split("-")[0]
+    def start(name: str, members: pd.DataFrame):
+        split = name.split("-")[0]
         stored = {}
         if old is not None and old_per_shard:
             olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
@@ -136,15 +139,16 @@ def update(runner: Batches, ingest: Ingest, folder: Path, files: dict[str, pd.Da
 
     decoded = reused = 0
     started = collections.deque()
-    upcoming = iter(todo)
-    with tqdm(total=sum(len(files[n]) for n in todo), desc="shards", unit="img", mininterval=2, disable=None) as bar:
-        for name in upcoming:
-            started.append(start(name))
+    upcoming = layout.members(todo)
+    with tqdm(total=sum(layout.files[n]["count"] for n in todo), desc="shards", unit="img", mininterval=2,
+              disable=None) as bar:
+        for name, members in upcoming:
+            started.append(start(name, members))
             break
         while started:
             following = next(upcoming, None)
             if following is not None:
-                started.append(start(following))
+                started.append(start(*following))
             name, members, stored, handles = started.popleft()
             fresh = iter([pixels for h in handles for pixels in runner.result(h)])
             records = []
@@ -162,7 +166,7 @@ def update(runner: Batches, ingest: Ingest, folder: Path, files: dict[str, pd.Da
             with atomic_path(folder / name) as tmp:
                 shards.write_file(tmp, records)
     log.info("%d of %d shard files kept as they were; %d rewritten: %d images decoded, %d taken from the old files",
-             len(keep), len(files), len(todo), decoded, reused)
+             len(keep), len(layout.files), len(todo), decoded, reused)
     if runner.where:
         log.info("decoded on %d Dask workers: %s", len(runner.where), dict(sorted(runner.where.items())))
 

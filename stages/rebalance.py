@@ -3,7 +3,8 @@
 
 Output folder `paths.rebalance`: `copies.csv` (id, label, copies) read by `train`, and
 `plan.json` (method, counts before and after, class weights) for people and `dvc diff`.
-Only metadata is read: no pixels, and shards are not rewritten.
+Only metadata is read: no pixels, and shards are not rewritten. The table is read and written
+through DuckDB (imgpipe/data/tables.py): flat memory, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from imgpipe.core.atomic_write import atomic_dir, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Paths, Rebalance
 from imgpipe.core.runner import stage_main
-from imgpipe.data.manifest import read_split
-from imgpipe.data.rebalancing import class_weights, copies
+from imgpipe.data import tables
+from imgpipe.data.rebalancing import class_weights, copies_query
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
 SECTIONS = ("rebalance", "paths")
@@ -26,22 +27,28 @@ log = logging.getLogger(__name__)
 
 def run(p: Rebalance, paths: Paths) -> None:
     method = p.method
-    frame = read_split(paths.split, ["id", "label", "split"])
-    train = frame[frame["split"] == "train"].sort_values("id").reset_index(drop=True)
-    if train.empty:
-        raise StageError(f"{paths.split} has no training images")
-    train["copies"] = copies(train, method)
-    before = train["label"].value_counts().sort_index()
-    after = train.groupby("label")["copies"].sum().sort_index()
-    with atomic_dir(paths.rebalance) as out:
-        train[["id", "label", "copies"]].to_csv(Path(out) / "copies.csv", index=False, lineterminator="\n")
-        write_json(Path(out) / "plan.json", {
-            "method": method,
-            "counts_before": {k: int(v) for k, v in before.items()},
-            "counts_after": {k: int(v) for k, v in after.items()},
-            "class_weight": class_weights(train) if method == "class_weight" else None,
-        })
-    log.info("%s: %d training images per epoch (was %d)", method, int(after.sum()), int(before.sum()))
+    query = copies_query(method)
+    with tables.connect() as con:
+        tables.read(con, paths.split, "split table", "split", "split")
+
+        def plan(out: Path) -> tuple[dict, dict]:
+            before = dict(con.execute("SELECT label, count(*) FROM split WHERE split = 'train' "
+                                      "GROUP BY label ORDER BY label").fetchall())
+            if not before:
+                raise StageError(f"{paths.split} has no training images")
+            con.execute(f"COPY ({query}) TO {tables.quote(out / 'copies.csv')} (HEADER, DELIMITER ',')")
+            after = dict(con.execute(f"SELECT label, sum(copies) FROM ({query}) GROUP BY label ORDER BY label").fetchall())
+            return before, after
+
+        with atomic_dir(paths.rebalance) as out:
+            before, after = tables.guarded(lambda: plan(Path(out)), f"{paths.split}: not a readable split table")
+            write_json(Path(out) / "plan.json", {
+                "method": method,
+                "counts_before": {k: int(v) for k, v in before.items()},
+                "counts_after": {k: int(v) for k, v in after.items()},
+                "class_weight": class_weights(before) if method == "class_weight" else None,
+            })
+    log.info("%s: %d training images per epoch (was %d)", method, sum(after.values()), sum(before.values()))
 
 
 def main(argv=None) -> int:

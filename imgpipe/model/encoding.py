@@ -6,6 +6,8 @@ of paths, and never imports TensorFlow. A worker opens each source once and keep
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from imgpipe.core.errors import StageError
@@ -53,3 +55,10 @@ def channel_sums(ingest: Ingest, p: Preprocess, channels: int, paths: list[str])
 
 def batches(items: list, size: int = BATCH) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def chunks(items, size: int = BATCH):
+    """Lists of `size` items from an iterable (a stream of paths), the last one shorter."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk

@@ -17,7 +17,7 @@ float16 halves the disk and read cost of float32; preprocessed pixels are in sma
 Which file an image is in follows from its split and its arrival number alone (the split
 state's, imgpipe/data/splitting.py): `<split>-<arrival // images_per_shard>`, records in arrival
 order. Images that arrive later land in new files; a removed image changes only its own file.
-So after the data grows by 1%, preprocess (`layout`, `kept`) rewrites about 1% of the files and
+So after the data grows by 1%, preprocess (`Layout`, `kept`) rewrites about 1% of the files and
 leaves the rest as they are, bytes and modification times (DVC then does not hash them again),
 and a file it rewrites copies the records of the images it already held from the old file
 (`stored_records`) instead of decoding them again.
@@ -26,8 +26,8 @@ and a file it rewrites copies the records of the images it already held from the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,23 +49,68 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.tfrecord"
 
 
-def layout(frame: pd.DataFrame, index: dict[str, int], per_shard: int, splits=("train", "val", "test")) -> dict[str, pd.DataFrame]:
-    """File name -> the images it holds (id, label index `y`, path, arrival), in arrival order;
-    files in split order, then by number. `frame` holds the images in use: id, label, path,
-    split and arrival."""
-    files = {}
-    for split in splits:
-        rows = frame[frame["split"] == split].sort_values("arrival")
-        rows = rows.assign(y=rows["label"].map(index))[["id", "y", "path", "arrival"]]
-        for number, members in rows.groupby(rows["arrival"] // per_shard, sort=True):
-            files[shard_name(split, int(number))] = members.reset_index(drop=True)
-    return files
+@dataclasses.dataclass
+class Layout:
+    """Where the images in use go, from the split table's view `split` in a DuckDB connection
+    (imgpipe/data/tables.py), in bounded memory whatever the number of rows: each file's image
+    count and members digest (`files`, in split order then by number), the classes, the counts
+    per split and per class. `members` streams each file's images, in the same order."""
+
+    files: dict[str, dict]  # name -> {"count": n, "members": digest}
+    classes: list[str]
+    counts: dict[str, int]
+    class_counts: dict[str, dict[str, int]]
+    con: object
+    per_shard: int
+    splits: tuple
+
+    _USED = """SELECT id, path, split, arrival, CAST(list_position(?, label) - 1 AS BIGINT) AS y,
+                      arrival // ? AS number FROM split WHERE split IN ('train', 'val', 'test')"""
+
+    @classmethod
+    def of(cls, con, per_shard: int, splits=("train", "val", "test"), arrival: bool = True) -> "Layout":
+        if not arrival:  # a split table made before arrivals were kept: each split's images in id order
+            con.execute("""CREATE OR REPLACE TEMP VIEW split AS SELECT *, row_number() OVER (
+                           PARTITION BY split ORDER BY id) - 1 AS arrival FROM split_table""")
+        classes = [r[0] for r in con.execute("SELECT DISTINCT label FROM split ORDER BY label").fetchall()]
+        counts = {s: 0 for s in splits}
+        class_counts = {s: dict.fromkeys(classes, 0) for s in splits}
+        for split, label, n in con.execute("SELECT split, label, count(*) FROM split WHERE split IN "
+                                           "('train', 'val', 'test') GROUP BY ALL").fetchall():
+            counts[split] += n
+            class_counts[split][label] = n
+        # what members_digest hashes: each image's id, label index and path, in arrival order
+        rows = con.execute(f"""SELECT split, number, count(*), sha1(string_agg(
+                                   id || chr(9) || CAST(y AS VARCHAR) || chr(9) || path || chr(10), '' ORDER BY arrival))
+                               FROM ({cls._USED}) GROUP BY split, number""", [classes, per_shard]).fetchall()
+        order = {s: i for i, s in enumerate(splits)}
+        files = {shard_name(split, number): {"count": n, "members": digest}
+                 for split, number, n, digest in sorted(rows, key=lambda r: (order[r[0]], r[1]))}
+        return cls(files, classes, counts, class_counts, con, per_shard, tuple(splits))
+
+    def members(self, names) -> Iterator[tuple[str, pd.DataFrame]]:
+        """(name, its images: id, y, path, arrival, in arrival order) of each file of `names`, in
+        `files` order: one sorted pass over the table (DuckDB sorts out of core)."""
+        wanted = set(names)
+        query = (f"SELECT split, number, id, y, path, arrival FROM ({self._USED}) "
+                 "ORDER BY list_position(?, split), arrival")
+        result = self.con.execute(query, [self.classes, self.per_shard, list(self.splits)])
+        current, rows = None, []
+        while batch := result.fetchmany(65_536):
+            for split, number, image_id, y, path, arrival in batch:
+                name = shard_name(split, number)
+                if name != current:
+                    if current in wanted:
+                        yield current, _members(rows)
+                    current, rows = name, []
+                if name in wanted:
+                    rows.append((image_id, y, path, arrival))
+        if current in wanted:
+            yield current, _members(rows)
 
 
-def members_digest(members: pd.DataFrame) -> str:
-    """What decides a file's records, but for the pixels: each image's id, label index and path, in order."""
-    text = "".join(f"{i}\t{y}\t{p}\n" for i, y, p in zip(members["id"], members["y"], members["path"]))
-    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
+def _members(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["id", "y", "path", "arrival"])
 
 
 def previous_meta(folder: str | Path) -> dict | None:
@@ -78,7 +123,7 @@ def previous_meta(folder: str | Path) -> dict | None:
 
 
 def kept(folder: str | Path, digests: dict[str, str], old: dict | None) -> set[str]:
-    """The files (name -> `members_digest`) that an earlier run with the same pixels already wrote
+    """The files (name -> members digest, see Layout) that an earlier run with the same pixels already wrote
     as they are now: same members, same labels and paths. `old` is that run's meta.json, None if
     its pixels differ (other params, another train mean/std) or there was none."""
     if old is None:

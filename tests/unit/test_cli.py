@@ -92,6 +92,9 @@ def _library_defaults() -> dict[tuple[str, ...], dict[str, str]]:
             "-e": "OVERRIDES",
             "--repo": "[default: .]",
             "--jobs": f"[default: {jobs}]",
+            "--dask-workers": "[default: 0]",
+            # no default shown: none means DVC's queue
+            "--address": "the Dask cluster of this scheduler",
             "-j": "experiments run at a time",
         },
         ("flow", "shard-stats"): {
@@ -157,6 +160,8 @@ def dvc_repo(tmp_path):
         (["flow", "experiments", "--repo", "{repo}"], "Missing option '-e' / '--experiment'"),
         (["flow", "experiments", "--repo", "{repo}", "-e", "train.epochs=1", "-j", "0"], "Invalid value for '-j' / '--jobs'"),
         (["flow", "shard-stats", "--workers", "3", "--address", "tcp://h:8786"], "--workers (a local cluster) or --address"),
+        (["flow", "experiments", "--repo", "{repo}", "-e", "train.epochs=1", "--dask-workers", "2", "--address",
+          "tcp://h:8786"], "--dask-workers (a local cluster) or --address"),
         (["flow", "shard-stats", "--bogus"], "No such option: --bogus"),
     ],
 )

@@ -1,0 +1,95 @@
+"""The pipeline's tables in bounded memory, through DuckDB: millions of rows read from their CSV
+files as a stream, sorted, grouped and joined out of core.
+
+pandas holds a whole table, at about 1 KB a row with its strings as Python objects (bench/RESULTS.md:
+preprocess's table work took 1.3 GB at 1M rows), so a stage's memory grew with the data set.
+DuckDB reads a CSV in chunks, runs the query over them, and past `MEMORY_LIMIT` spills what a
+sort or a join holds to a temporary folder, which this module creates and deletes; results come
+back in batches. Chosen over Polars (its streaming engine runs only part of its operations out of
+core) and pyarrow alone (no out-of-core sort or join): one wheel, no other dependency, SQL that
+reads like the rules it applies. The files stay CSV, readable by people and by pandas.
+
+A table is read with every column as text (a class called "0" or "NA" stays a class); the columns
+manifest.DTYPES types as integers or floats are cast, so the stages agree on what a field holds.
+Only an empty field is missing (NULL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgpipe.core.errors import StageError
+from imgpipe.data.manifest import DTYPES
+
+# What DuckDB may hold before it spills to disk: the stage's memory stays under about this plus
+# the Python process (~100-200 MB), whatever the number of rows.
+MEMORY_LIMIT = "512MB"
+# rows per batch fetched from a query's result
+FETCH_ROWS = 65_536
+_SQL_TYPES = {"Int64": "BIGINT", "float64": "DOUBLE"}
+
+
+@contextlib.contextmanager
+def connect() -> Iterator:
+    """An in-memory DuckDB connection with the memory limit and its own spill folder (deleted after)."""
+    import duckdb
+
+    spill = tempfile.mkdtemp(prefix="imgpipe-duckdb-")
+    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
+    try:
+        yield con
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def quote(path: str | Path) -> str:
+    """A path as an SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def read(con, path: str | Path, what: str, made_by: str, name: str) -> list[str]:
+    """Make the CSV table at `path` the view `name`, its columns typed by manifest.DTYPES; its
+    column names. A StageError naming `what` it is and the stage that writes it when it is missing
+    or not a readable CSV."""
+    import duckdb
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: {what} not found (run the {made_by} stage first)")
+    source = (f"read_csv({quote(path)}, header = true, delim = ',', quote = '\"', escape = '\"', "
+              "all_varchar = true, nullstr = '')")
+    try:
+        columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+    except duckdb.Error as exc:
+        raise StageError(f"{path}: not a readable {what}: {exc}") from None
+    typed = ", ".join(
+        f"CAST({ident(c)} AS {_SQL_TYPES[DTYPES[c]]}) AS {ident(c)}" if DTYPES.get(c) in _SQL_TYPES else ident(c)
+        for c in columns)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {typed} FROM {source}")
+    return columns
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def batches(con, query: str, params=None) -> Iterator[list[tuple]]:
+    """The rows of `query`, FETCH_ROWS at a time."""
+    result = con.execute(query, params or [])
+    while rows := result.fetchmany(FETCH_ROWS):
+        yield rows
+
+
+def guarded(work, what: str):
+    """work(), with DuckDB's errors (a field that is not a number, say) as a StageError starting with `what`."""
+    import duckdb
+
+    try:
+        return work()
+    except duckdb.Error as exc:
+        raise StageError(f"{what}: {exc}") from None
