@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,9 @@ def connect() -> Iterator:
     import duckdb
 
     spill = tempfile.mkdtemp(prefix="imgpipe-duckdb-")
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
+    # DuckDB's own progress bar on a long query, in a terminal only (not in DVC's or Prefect's logs)
+    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
+                                 "enable_progress_bar": sys.stderr.isatty()})
     try:
         yield con
     finally:

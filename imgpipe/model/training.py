@@ -47,6 +47,7 @@ import tensorflow as tf
 
 from imgpipe.model import augment
 from imgpipe.model import backbones
+from imgpipe.model import cluster as clusters
 from imgpipe.model import feature_cache
 from imgpipe.model import shards
 from imgpipe.core.atomic_write import atomic_path, write_json
@@ -134,6 +135,41 @@ def training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Tr
         return batches
     # one batch after the other: the random draws follow the batch order, the same in every run
     return with_targets(batches, train, len(meta["classes"]), force=True).map(mixing).prefetch(tf.data.AUTOTUNE)
+
+
+def worker_training_dataset(folder: Path, meta: dict, copies: dict[str, int], train: Train, seed: int,
+                            cluster: clusters.Cluster, mix: bool = False) -> tf.data.Dataset:
+    """This worker's endless stream of batches of train.batch_size (the global batch: the strategy
+    splits each between this worker's replicas and the other workers' steps take theirs from
+    their own streams): its own shard files only, each image `copies` times, shuffled.
+
+    Sharded by file here rather than by tf.data's auto-sharding (which is turned off for it):
+    the files are known, and logged, before anything is read. Endless, because the workers'
+    files hold different numbers of images and every worker must run the same number of steps
+    (fit() is given the steps per epoch).
+    """
+    files = clusters.worker_files(meta["files"]["train"], cluster)
+    mine = {**meta, "files": {**meta["files"], "train": files}}
+    ids, _ = shards.ids_and_labels(folder, "train", mine)
+    own = {i.decode(): copies[i.decode()] for i in ids if i.decode() in copies}
+    if not sum(own.values()):
+        raise StageError(f"{cluster.describe()}: its train shard files ({', '.join(files)}) hold no image that "
+                         "copies.csv gives a copy; fewer workers, or smaller shards (preprocess.images_per_shard)")
+    log.info("%s reads %d of %d train shard files, %d images (%d with their copies) of %d: %s", cluster.describe(),
+             len(files), len(meta["files"]["train"]), len(ids), sum(own.values()), sum(copies.values()),
+             ", ".join(files))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return training_dataset(folder, mine, own, train, seed, mix=mix).repeat().with_options(options)
+
+
+def worker_validation_dataset(folder: Path, meta: dict, batch_size: int, deterministic: bool) -> tf.data.Dataset:
+    """The validation batches for a multi-worker fit(): every worker reads the whole split and keeps
+    its part of each batch (AutoShardPolicy.DATA), so that the metrics, summed over the workers,
+    are those of the whole split, however few files it has."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return validation_dataset(folder, meta, batch_size, deterministic).with_options(options)
 
 
 def with_targets(ds: tf.data.Dataset, train: Train, num_classes: int, force: bool = False) -> tf.data.Dataset:
@@ -289,8 +325,11 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 def fit_phase(model: keras.Model, data, val, epochs: tuple[int, int], phase: str, run_dir: Path, train: Train,
-              best: BestCheckpoint, class_weight) -> int:
-    """fit() epochs [first, last) of one phase, resuming from its backup; returns the next epoch number."""
+              best: BestCheckpoint, class_weight, steps_per_epoch: int | None = None) -> int:
+    """fit() epochs [first, last) of one phase, resuming from its backup; returns the next epoch number.
+
+    `steps_per_epoch`: for an endless `data` (multi-worker); None: one pass over `data`.
+    """
     first, last = epochs
     num_classes = model.output_shape[-1]
     data = with_targets(data, train, num_classes)
@@ -310,16 +349,20 @@ def fit_phase(model: keras.Model, data, val, epochs: tuple[int, int], phase: str
     # BackupAndRestore tells fit() where to resume through the model's _initial_epoch, which
     # nothing resets afterwards: clear what restoring an earlier phase left there.
     model._initial_epoch = None
+    # shuffle=False: the datasets shuffle themselves (seeded)
     history = model.fit(data, validation_data=val, epochs=last, initial_epoch=first, class_weight=class_weight,
-                        callbacks=callbacks, shuffle=False, verbose=0)  # the datasets shuffle themselves (seeded)
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=0)
     return history.epoch[-1] + 1 if history.epoch else last
 
 
 # -- hardware -------------------------------------------------------------------------------
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over several GPUs (each batch split between them); else the default (one device)."""
+def distribution_strategy(cluster: clusters.Cluster | None = None) -> tf.distribute.Strategy:
+    """The cluster's MultiWorkerMirroredStrategy (imgpipe/model/cluster.py) when there is one;
+    else MirroredStrategy over several GPUs (each batch split between them); else the default (one device)."""
+    if cluster is not None:
+        return cluster.strategy
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
@@ -371,8 +414,12 @@ def exclusive(run_dir: Path):
 
 
 def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, copies: dict[str, int], run_dir: Path,
-                 cache_dir: Path) -> Classifier:
-    """Phase 1, then phase 2 if asked for, resuming what a killed run left; the classifier to save."""
+                 cache_dir: Path, cluster: clusters.Cluster | None = None) -> Classifier:
+    """Phase 1, then phase 2 if asked for, resuming what a killed run left; the classifier to save.
+
+    With a `cluster`, this is one of its workers: it trains on its own shard files, in step with
+    the others (every worker must call this, with the same params).
+    """
     folder, counts = Path(paths.shards), meta["counts"]
     class_weight = class_weight_by_index(plan, meta["classes"])
     has_val = bool(counts.get("val"))
@@ -380,18 +427,28 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
     train = backbones.resolve(train, (meta["height"], meta["width"], meta["channels"]))
 
     def image_data(augmented: bool):
+        if cluster is not None:
+            val = worker_validation_dataset(folder, meta, train.batch_size, train.deterministic) if has_val else None
+            return worker_training_dataset(folder, meta, copies, train, seed, cluster, mix=augmented), val
         val = validation_dataset(folder, meta, train.batch_size, train.deterministic) if has_val else None
         return training_dataset(folder, meta, copies, train, seed, mix=augmented), val
 
-    strategy = distribution_strategy()
+    strategy = distribution_strategy(cluster)
     with strategy.scope():
         with precision(train.mixed_precision):
             clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), train,
                         meta["preprocess"]["normalization"], seed)
         best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
         cached = train.embedding_cache and train.pretrained and not train.augments_phase1
+        if cached and cluster is not None:
+            # Every worker would compute the features of every image and write the same cache
+            # file, and the cached features are one in-memory array, not shard files to split.
+            log.info("train.embedding_cache: off for multi-worker training; phase 1 runs on the images")
+            cached = False
         per_epoch = sum(copies.values())
         steps = -(-per_epoch // train.batch_size)
+        # multi-worker: the workers' streams are endless, fit() is told the steps of an epoch
+        fixed_steps = steps if cluster is not None else None
         log.info(
             "%s%s (%s weights) on %d images per epoch (rebalance: %s), %d steps of %d; %d validation images; "
             "%d device(s), %s; phase 1 on %s",
@@ -413,8 +470,11 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
                 augmented = train.augments_phase1
                 (data, val), fitted = image_data(augmented), clf.training if augmented else clf.model
             compile_for_training(fitted, train.learning_rate, train, steps, train.epochs)
+            if cluster is not None:
+                clusters.adapt_for_fit(fitted)
             phase = "head" if train.pretrained else "scratch"
-            next_epoch = fit_phase(fitted, data, val, (0, train.epochs), phase, run_dir, train, best, class_weight)
+            next_epoch = fit_phase(fitted, data, val, (0, train.epochs), phase, run_dir, train, best, class_weight,
+                                   fixed_steps)
             clf.model.save_weights(run_dir / "phase1.weights.h5")
             write_json(phase_one, {"next_epoch": next_epoch})
 
@@ -423,9 +483,11 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         if train.fine_tune_epochs:
             backbones.unfreeze_top(clf.backbone.network, train.fine_tune_layers)
             compile_for_training(clf.training, train.fine_tune_learning_rate, train, steps, train.fine_tune_epochs)
+            if cluster is not None:
+                clusters.adapt_for_fit(clf.training)
             data, val = image_data(train.augments)
             epochs = (next_epoch, next_epoch + train.fine_tune_epochs)
-            fit_phase(clf.training, data, val, epochs, "fine_tune", run_dir, train, best, class_weight)
+            fit_phase(clf.training, data, val, epochs, "fine_tune", run_dir, train, best, class_weight, fixed_steps)
 
     if train.restore_best:
         best.restore()
