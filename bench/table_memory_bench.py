@@ -102,8 +102,8 @@ def peak(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], cwd=cwd, env=environment(),
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0 and "MAXRSS" not in proc.stderr:
-        raise RuntimeError(proc.stderr[-3000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stderr[-3000:]}")
     rss = int(re.search(r"MAXRSS (\d+)", proc.stderr).group(1)) / 1024
     tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:-1])
     return rss, seconds, tail

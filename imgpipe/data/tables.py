@@ -40,9 +40,9 @@ def connect() -> Iterator:
     import duckdb
 
     spill = tempfile.mkdtemp(prefix="imgpipe-duckdb-")
+    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
     # DuckDB's own progress bar on a long query, in a terminal only (not in DVC's or Prefect's logs)
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
-                                 "enable_progress_bar": sys.stderr.isatty()})
+    con.execute(f"SET enable_progress_bar = {str(sys.stderr.isatty()).lower()}")
     try:
         yield con
     finally:
