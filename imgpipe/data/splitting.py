@@ -48,19 +48,23 @@ before it existed) numbers its images in id order.
 Removed images stay in it, so an image that comes back keeps its split. When the definition
 changes the state no longer applies: the stage logs that and starts afresh. To start afresh by
 hand, delete the file and run `dvc repro split`.
-"""
 
+The rules run as SQL over the accepted list and the state in DuckDB (imgpipe/data/tables.py), so
+the memory the stage takes does not grow with the number of images; `assign`, `next_state` and
+`read_state` give the same on pandas frames, for tests and notebooks.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
-
-import pandas as pd
 
 from imgpipe.core.atomic_write import atomic_path
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Split
+from imgpipe.data import tables
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,9 @@ SPLITS = ("train", "val", "test")
 STATE_COLUMNS = ["id", "assigned", "arrival"]
 # the state's first line; the rest is a CSV of STATE_COLUMNS
 STATE_HEADER = "# imgpipe split state, made with "
+# what a split table adds to the accepted list, in order
+ADDED = ["bucket", "assigned", "arrival", "split", "reason"]
+RESET = "delete it and run `dvc repro split` to assign every image afresh"
 
 
 def bucket(image_id: str) -> int:
@@ -75,39 +82,16 @@ def bucket(image_id: str) -> int:
     return int(image_id[-2:], 16)
 
 
-def _in(buckets: pd.Series, bounds: tuple[int, int]) -> pd.Series:
-    return buckets.between(bounds[0], bounds[1])
+def _bucket_sql(column: str) -> str:
+    return f"CAST('0x' || right({column}, 2) AS INTEGER)"
 
 
-def hash_assign(buckets: pd.Series, p: Split) -> pd.Series:
-    out = pd.Series("train", index=buckets.index, dtype=object)
-    out[_in(buckets, p.val_buckets)] = "val"
-    out[_in(buckets, p.test_buckets)] = "test"
-    return out
+def _between(column: str, bounds) -> str:
+    return f"({column} BETWEEN {int(bounds[0])} AND {int(bounds[1])})"
 
 
-def source_assign(frame: pd.DataFrame, buckets: pd.Series, p: Split) -> tuple[pd.Series, list[str]]:
-    """The source's split of each image, with the splits the source lacks carved from its train
-    split by `buckets`; and the names of those carved splits."""
-    given = frame["source_split"].fillna("")
-    missing = frame.loc[given == "", "path"]
-    if len(missing):
-        raise StageError(
-            f"split.method source needs the split each image came with, but {len(missing)} images have none "
-            f"(e.g. {missing.iloc[0]}); use split.method: hash for this source"
-        )
-    unknown = frame.loc[~given.isin(SPLITS), "path"]
-    if len(unknown):
-        raise StageError(f"split.method source: {len(unknown)} images have a source split other than "
-                         f"{', '.join(SPLITS)} (e.g. {unknown.iloc[0]}: {given[unknown.index[0]]!r})")
-    out = given.astype(object).copy()
-    carved = [name for name in ("val", "test") if not (given == name).any()]
-    for name in carved:
-        bounds = getattr(p, f"{name}_buckets")
-        out[(given == "train") & _in(buckets, bounds)] = name
-        log.info("the source has no %s split: %s carved from its train split by hash (split.%s_buckets %s)",
-                 name, name, name, list(bounds))
-    return out, carved
+def _list(values) -> str:
+    return "(" + ", ".join(tables.quote(v) for v in values) + ")"
 
 
 def definition(p: Split) -> dict:
@@ -117,202 +101,309 @@ def definition(p: Split) -> dict:
 
 # --- the state ---------------------------------------------------------------------------------
 
-def read_state(path: str | Path) -> tuple[dict, pd.DataFrame] | None:
-    """The definition a state was made with and its `assigned` and `arrival` by id; None when
-    there is no state."""
+def load_state(con, path: str | Path) -> dict | None:
+    """The temp table `state` (id, assigned, arrival) from the state at `path`, checked; the
+    definition it was made with. None, and an empty `state`, when there is no state."""
+    con.execute("CREATE OR REPLACE TEMP TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
     path = Path(path)
     if not path.exists():
         return None
-    reset = "delete it and run `dvc repro split` to assign every image afresh"
     with open(path, encoding="utf-8") as fh:
         first = fh.readline()
-        try:
-            made_with = json.loads(first[len(STATE_HEADER):]) if first.startswith(STATE_HEADER) else None
-        except ValueError:
-            made_with = None
-        if not isinstance(made_with, dict):
-            raise StageError(f"{path}: not a split state (its first line should start with {STATE_HEADER.strip()!r}); "
-                             f"{reset}")
-        try:
-            table = pd.read_csv(fh, dtype=str, keep_default_na=False)
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise StageError(f"{path}: not a readable split state: {exc}; {reset}") from None
-    if list(table.columns) == STATE_COLUMNS[:2]:  # made before arrivals were kept
-        table["arrival"] = arrivals_in_id_order(table, "assigned")
-    if list(table.columns) != STATE_COLUMNS:
-        raise StageError(f"{path}: a split state has columns {','.join(STATE_COLUMNS)}, this one "
-                         f"{','.join(map(str, table.columns))}; {reset}")
-    arrival = pd.to_numeric(table["arrival"], errors="coerce")
-    bad = table[~table["assigned"].isin(SPLITS) | (table["id"] == "") | table["id"].duplicated()
-                | ~(arrival >= 0) | (arrival % 1 != 0)
-                | pd.DataFrame({"a": table["assigned"], "n": arrival}).duplicated()]
-    if len(bad):
-        row = bad.iloc[0]
-        raise StageError(f"{path}: {len(bad)} rows are not one image id with train, val or test and its own arrival "
-                         f"number (e.g. line {bad.index[0] + 3}: {row['id']!r},{row['assigned']!r},{row['arrival']!r}); "
-                         f"{reset}")
-    table["arrival"] = arrival.astype("int64")
-    return made_with, table.set_index("id")
+    try:
+        made_with = json.loads(first[len(STATE_HEADER):]) if first.startswith(STATE_HEADER) else None
+    except ValueError:
+        made_with = None
+    if not isinstance(made_with, dict):
+        raise StageError(f"{path}: not a split state (its first line should start with {STATE_HEADER.strip()!r}); "
+                         f"{RESET}")
+    # (DuckDB's sniffer refuses the first line, a JSON object, when told the quote character: it
+    # finds the standard one itself; a state's fields need no quoting)
+    source = f"read_csv({tables.quote(path)}, skip = 1, header = true, delim = ',', all_varchar = true, nullstr = '')"
+    import duckdb
+
+    try:
+        columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        if columns not in (STATE_COLUMNS, STATE_COLUMNS[:2]):
+            raise StageError(f"{path}: a split state has columns {','.join(STATE_COLUMNS)}, this one "
+                             f"{','.join(map(str, columns))}; {RESET}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE state_rows AS SELECT *, row_number() OVER () AS line FROM {source}")
+        if columns == STATE_COLUMNS[:2]:  # made before arrivals were kept: each split numbered in id order
+            con.execute("""CREATE OR REPLACE TEMP TABLE state_rows AS SELECT id, assigned, CAST(row_number() OVER (
+                           PARTITION BY assigned ORDER BY id, line) - 1 AS VARCHAR) AS arrival, line FROM state_rows""")
+    except duckdb.Error as exc:
+        raise StageError(f"{path}: not a readable split state: {exc}; {RESET}") from None
+    bad = con.execute(f"""
+        SELECT count(*), arg_min(line, line), arg_min(id, line), arg_min(assigned, line), arg_min(arrival, line)
+        FROM (SELECT *, TRY_CAST(arrival AS DOUBLE) AS n,
+                     row_number() OVER (PARTITION BY id ORDER BY line) AS nth_id,
+                     row_number() OVER (PARTITION BY assigned, TRY_CAST(arrival AS DOUBLE) ORDER BY line) AS nth_number
+              FROM state_rows)
+        WHERE assigned IS NULL OR assigned NOT IN {_list(SPLITS)} OR id IS NULL OR (id IS NOT NULL AND nth_id > 1)
+              OR nth_number > 1 OR n IS NULL OR n < 0 OR n <> floor(n)""").fetchone()
+    if bad[0]:
+        count, line, image_id, assigned, arrival = bad
+        raise StageError(f"{path}: {count} rows are not one image id with train, val or test and its own arrival "
+                         f"number (e.g. line {line + 2}: {image_id or ''!r},{assigned or ''!r},{arrival or ''!r}); "
+                         f"{RESET}")
+    con.execute("INSERT INTO state SELECT id, assigned, CAST(CAST(arrival AS DOUBLE) AS BIGINT) FROM state_rows")
+    return made_with
 
 
-def previous_assignment(path: str | Path, p: Split) -> pd.DataFrame | None:
-    """The state at `path` (`assigned` and `arrival` by id), if it was made with the split's
-    current definition."""
-    found = read_state(path)
-    if found is None:
+def previous_state(con, path: str | Path, p: Split) -> bool:
+    """Load the state at `path` into the temp table `state` if it was made with the split's current
+    definition (else `state` is empty); whether it applies."""
+    made_with = load_state(con, path)
+    if made_with is None:
         log.info("no split state at %s: every image is assigned afresh", path)
-        return None
-    made_with, assigned = found
+        return False
     if made_with != definition(p):
         log.warning("%s was made with split %s, the split is now defined as %s: the state no longer applies, "
                     "every image is assigned afresh (images may change split)", path,
                     json.dumps(made_with, sort_keys=True), json.dumps(definition(p), sort_keys=True))
-        return None
-    return assigned
+        con.execute("DELETE FROM state")
+        return False
+    return True
 
 
-def next_state(previous: pd.DataFrame | None, out: pd.DataFrame) -> pd.DataFrame:
-    """The previous state plus the images `assign` assigned this time, by id (removed images stay)."""
-    new = out.loc[out["assigned"].isin(SPLITS), STATE_COLUMNS].set_index("id")
-    new["arrival"] = new["arrival"].astype("int64")
-    if previous is not None:
-        new = pd.concat([previous, new[~new.index.isin(previous.index)]])
-    return new.sort_index()
+NEXT_STATE = """SELECT id, assigned, arrival FROM state
+                UNION ALL
+                SELECT id, assigned, arrival FROM out WHERE assigned IN ('train', 'val', 'test')
+                       AND id NOT IN (SELECT id FROM state)
+                ORDER BY id"""
 
 
-def write_state(path: str | Path, state: pd.DataFrame, p: Split) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(STATE_HEADER + json.dumps(definition(p), sort_keys=True) + "\n")
-        state[STATE_COLUMNS[1:]].rename_axis("id").reset_index().to_csv(fh, index=False, lineterminator="\n")
-
-
-def arrivals_in_id_order(table: pd.DataFrame, split_column: str) -> pd.Series:
-    """Arrival numbers for a table that has none (a state or split table made before they were
-    kept, or by hand): each split's images numbered in id order, as a first run numbers them."""
-    return table.groupby(split_column)["id"].rank(method="first").astype("int64") - 1
-
-
-def arrivals(out: pd.DataFrame, previous: pd.DataFrame | None) -> pd.Series:
-    """Each assigned image's arrival number: the state's, or for a new image the next free
-    numbers of its split, in id order; missing (NA) where `assigned` is empty."""
-    arrival = pd.Series(pd.NA, index=out.index, dtype="Int64")
-    if previous is not None:
-        arrival[:] = out["id"].map(previous["arrival"]).astype("Int64")
-    for name in SPLITS:
-        new = (out["assigned"] == name) & arrival.isna()
-        if not new.any():
-            continue
-        taken = previous.loc[previous["assigned"] == name, "arrival"] if previous is not None else ()
-        start = int(taken.max()) + 1 if len(taken) else 0
-        arrival[new] = start + out.loc[new, "id"].rank(method="first").astype("int64") - 1
-    return arrival
+def write_state_table(con, path: str | Path, p: Split, query: str = NEXT_STATE) -> None:
+    """The state at `path`: its first line, then `query`'s rows (default: the previous state plus
+    the images `assign_tables` assigned this time, by id; removed images stay)."""
+    with atomic_path(path) as tmp:
+        body = Path(f"{tmp}.rows")
+        try:
+            con.execute(f"COPY ({query}) TO {tables.quote(body)} (HEADER, DELIMITER ',')")
+            with open(tmp, "w", encoding="utf-8", newline="") as out, open(body, encoding="utf-8", newline="") as rows:
+                out.write(STATE_HEADER + json.dumps(definition(p), sort_keys=True) + "\n")
+                shutil.copyfileobj(rows, out, 1 << 20)
+        finally:
+            body.unlink(missing_ok=True)
 
 
 # --- the assignment ----------------------------------------------------------------------------
 
-def inherit(prior: pd.Series, wanted: pd.Series, keys: pd.Series) -> pd.Series:
-    """Each image's assignment: its prior one; else that of the assigned images sharing its key
-    (near-duplicate group), "" if they disagree; else the one `wanted`."""
-    known = pd.DataFrame({"key": keys, "prior": prior})[prior.notna()]
-    by_key = known.groupby("key")["prior"]
-    distinct = by_key.nunique()
-    agreed = by_key.first()[distinct == 1]
-    assigned = prior.copy().astype(object)
-    new = prior.isna()
-    assigned[new] = keys[new].map(agreed)
-    assigned[new & keys.isin(distinct.index[distinct > 1])] = ""
-    fresh = new & assigned.isna()
-    assigned[fresh] = wanted[fresh]
-    return assigned
+def _set_aside(con, where: str, reason: str, what: str) -> None:
+    (n,) = con.execute(f"UPDATE out SET split = 'unused', reason = ? WHERE split <> 'unused' AND ({where})",
+                       [reason]).fetchone()
+    if n:
+        log.info("%d images set aside (split unused, reason %s): %s", n, reason, what)
 
 
-def keep_first(frame: pd.DataFrame, mask: pd.Series, per_class: int) -> pd.Series:
-    """Of the rows in `mask`, which are among the first `per_class` of their class to arrive (by
-    arrival number, which is id order within a run): images in use stay in use as the data grows,
-    and new ones wait for room."""
-    rows = frame.loc[mask].sort_values(["arrival", "id"])
-    rank = rows.groupby("label").cumcount()
-    keep = pd.Series(False, index=frame.index)
-    keep[rank.index] = rank < per_class
-    return keep
+def _beyond_first(name: str, per_class: int) -> str:
+    """Rows of split `name` beyond the first `per_class` of their class to arrive (by arrival
+    number, which is id order within a run): images in use stay in use as the data grows, and
+    new ones wait for room."""
+    return f"""ord IN (SELECT ord FROM (SELECT ord, row_number() OVER (PARTITION BY label ORDER BY arrival, id, ord) AS rank
+                                      FROM out WHERE split = '{name}') WHERE rank > {int(per_class)})"""
 
 
-def set_aside(out: pd.DataFrame, rows: pd.Series, reason: str, what: str) -> None:
-    rows = rows & (out["split"] != "unused")
-    out.loc[rows, "split"] = "unused"
-    out.loc[rows, "reason"] = reason
-    if rows.any():
-        log.info("%d images set aside (split unused, reason %s): %s", int(rows.sum()), reason, what)
-
-
-def balance(out: pd.DataFrame, name: str, classes: list[str]) -> None:
+def _balance(con, name: str, classes: list[str]) -> None:
     """Trim split `name` to the same count per class; the surplus is set aside."""
-    mask = out["split"] == name
-    counts = out.loc[mask, "label"].value_counts().reindex(classes, fill_value=0)
-    if not len(counts) or counts.min() == 0:
-        log.warning("not balancing %s: classes %s have no image there", name, counts[counts == 0].index.tolist())
+    counts = dict(con.execute(f"SELECT label, count(*) FROM out WHERE split = '{name}' GROUP BY label").fetchall())
+    missing = [c for c in classes if not counts.get(c)]
+    if not classes or missing:
+        log.warning("not balancing %s: classes %s have no image there", name, missing)
         return
-    set_aside(out, mask & ~keep_first(out, mask, int(counts.min())), "balance",
-              f"{name} balanced to {int(counts.min())} images per class")
+    least = min(counts[c] for c in classes)
+    _set_aside(con, _beyond_first(name, least), "balance", f"{name} balanced to {least} images per class")
 
 
-def cap(out: pd.DataFrame, name: str, limit: int) -> None:
+def _cap(con, name: str, limit: int) -> None:
     if limit > 0:
-        mask = out["split"] == name
-        set_aside(out, mask & ~keep_first(out, mask, limit), "cap", f"{name} capped at {limit} images per class")
+        _set_aside(con, _beyond_first(name, limit), "cap", f"{name} capped at {limit} images per class")
 
 
-def assign(frame: pd.DataFrame, p: Split, previous: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The accepted manifest with `bucket` (of the image's own id), `assigned`, `arrival`, `split`
-    and `reason` columns, given the `previous` state by id (None: no state): the pure core of the
-    stage."""
-    out = frame.reset_index(drop=True)
-    # an accepted list without groups (written by hand, say) splits image by image
-    group = out["group"] if "group" in out.columns else out["id"]
-    out["bucket"] = out["id"].map(bucket)
-    group_bucket = group.map(bucket)
-    if p.method == "hash":
-        wanted, carved, keys = hash_assign(group_bucket, p), ["val", "test"], group
+def assign_tables(con, p: Split, columns: list[str]) -> None:
+    """From the view `accepted` (the accepted list's `columns` as text, and `ord`, its row order)
+    and the temp table `state` (the previous assignment; empty: none): the temp table `out`, the
+    accepted list with ADDED, `ord` and `key` (the near-duplicate key). The pure core of the stage."""
+    group = '"group"' if "group" in columns else "id"  # an accepted list without groups splits image by image
+    source = p.method == "source"
+    if source:
+        if "source_split" not in columns:
+            columns_missing = con.execute("SELECT count(*), arg_min(path, ord) FROM accepted").fetchone()
+        else:
+            columns_missing = con.execute("SELECT count(*), arg_min(path, ord) FROM accepted "
+                                          "WHERE coalesce(source_split, '') = ''").fetchone()
+        if columns_missing[0]:
+            raise StageError(
+                f"split.method source needs the split each image came with, but {columns_missing[0]} images have none "
+                f"(e.g. {columns_missing[1]}); use split.method: hash for this source")
+        unknown = con.execute(f"SELECT count(*), arg_min(path, ord), arg_min(source_split, ord) FROM accepted "
+                              f"WHERE source_split NOT IN {_list(SPLITS)}").fetchone()
+        if unknown[0]:
+            raise StageError(f"split.method source: {unknown[0]} images have a source split other than "
+                             f"{', '.join(SPLITS)} (e.g. {unknown[1]}: {unknown[2]!r})")
+        given = {r[0] for r in con.execute("SELECT DISTINCT source_split FROM accepted").fetchall()}
+        carved = [name for name in ("val", "test") if name not in given]
+        for name in carved:
+            bounds = getattr(p, f"{name}_buckets")
+            log.info("the source has no %s split: %s carved from its train split by hash (split.%s_buckets %s)",
+                     name, name, name, list(bounds))
+        cases = "".join(f"WHEN source_split = 'train' AND {_between('gb', getattr(p, f'{name}_buckets'))} THEN '{name}' "
+                        for name in ("test", "val") if name in carved)
+        wanted = f"CASE {cases}ELSE source_split END" if cases else "source_split"
+        key = "grp || '/' || source_split"
     else:
-        wanted, carved = source_assign(out, group_bucket, p)
-        keys = group + "/" + out["source_split"]
-    prior = out["id"].map(previous["assigned"]) if previous is not None else pd.Series(pd.NA, index=out.index, dtype=object)
-    out["assigned"] = inherit(prior, wanted, keys)
-    out["arrival"] = arrivals(out, previous)
-    out["split"] = out["assigned"]
-    out["reason"] = ""
+        carved = ["val", "test"]
+        wanted = (f"CASE WHEN {_between('gb', p.test_buckets)} THEN 'test' "
+                  f"WHEN {_between('gb', p.val_buckets)} THEN 'val' ELSE 'train' END")
+        key = "grp"
+    selected = ", ".join(f"a.{tables.ident(c)}" for c in columns)
+    # grp: the image's near-duplicate group; gb: the group's bucket, which decides a new group's split
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE base AS
+        WITH a AS (SELECT *, {group} AS grp, {_bucket_sql(group)} AS gb FROM accepted)
+        SELECT {selected}, a.ord, {_bucket_sql('a.id')} AS bucket, s.assigned AS prior, s.arrival AS known_arrival,
+               {key} AS key, {wanted} AS wanted
+        FROM a LEFT JOIN state s ON s.id = a.id""")
+    # a new image takes the assignment of the assigned images sharing its key, "" if they disagree
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE inherited AS
+        SELECT b.*, CASE WHEN prior IS NOT NULL THEN prior WHEN k.kinds > 1 THEN '' WHEN k.kinds = 1 THEN k.agreed
+                         ELSE wanted END AS assigned
+        FROM base b LEFT JOIN (SELECT key, count(DISTINCT prior) AS kinds, min(prior) AS agreed FROM base
+                               WHERE prior IS NOT NULL GROUP BY key) k USING (key)""")
+    # each assigned image's arrival: the state's, or for a new image the next free numbers of its
+    # split, in id order; NULL where `assigned` is empty
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE out AS
+        SELECT i.* EXCLUDE (prior, known_arrival, wanted),
+               CASE WHEN known_arrival IS NOT NULL THEN known_arrival
+                    WHEN assigned IN {_list(SPLITS)} THEN coalesce(t.top, -1) + row_number() OVER (
+                         PARTITION BY assigned, known_arrival IS NULL ORDER BY id, ord) END AS arrival,
+               assigned AS split, '' AS reason
+        FROM inherited i LEFT JOIN (SELECT assigned, max(arrival) AS top FROM state GROUP BY assigned) t USING (assigned)""")
 
-    conflict = out["assigned"] == ""
-    set_aside(out, conflict, "conflict", "new near-duplicates of images already in different splits")
-    mixed = (pd.DataFrame({"key": keys, "a": out["assigned"]})[~conflict].groupby("key")["a"].nunique() > 1).sum()
+    _set_aside(con, "assigned = ''", "conflict", "new near-duplicates of images already in different splits")
+    (mixed,) = con.execute("SELECT count(*) FROM (SELECT key FROM out WHERE assigned <> '' GROUP BY key "
+                           "HAVING count(DISTINCT assigned) > 1)").fetchone()
     if mixed:
         log.warning("%d near-duplicate groups hold images assigned to different splits (a new image links them, or "
                     "validate.near_duplicate_distance grew since they were assigned); they keep their splits", mixed)
-    if p.method == "source":
-        given = out["source_split"]
-        agrees = (out["assigned"] == given) | ((given == "train") & out["assigned"].isin(carved))
-        set_aside(out, ~agrees, "source_split", "the source now lists them in another split than they were assigned")
+    if source:
+        agrees = f"assigned = source_split OR (source_split = 'train' AND assigned IN {_list(carved or [''])})"
+        _set_aside(con, f"NOT ({agrees})", "source_split",
+                   "the source now lists them in another split than they were assigned")
 
-    classes = sorted(out["label"].unique())
+    classes = [r[0] for r in con.execute("SELECT DISTINCT label FROM out ORDER BY label").fetchall()]
     if p.balance:
         for name in carved:
-            balance(out, name, classes)
-    cap(out, "val", p.max_val_per_class)
+            _balance(con, name, classes)
+    _cap(con, "val", p.max_val_per_class)
     # Before the train cap, so that it counts only the images that can be trained on.
-    evaluated = keys[out["split"].isin(["val", "test"])].unique()
-    set_aside(out, (out["split"] == "train") & keys.isin(evaluated), "near_duplicate",
-              "training images whose near-duplicates are in val or test")
-    cap(out, "train", p.max_train_per_class)
-    return out
+    _set_aside(con, "split = 'train' AND key IN (SELECT key FROM out WHERE split IN ('val', 'test'))",
+               "near_duplicate", "training images whose near-duplicates are in val or test")
+    _cap(con, "train", p.max_train_per_class)
 
 
-def check_splits(out: pd.DataFrame) -> None:
-    """A StageError, before any training, when no image is left to train on or to test on."""
-    counts = out["split"].value_counts()
+def split_table_query(columns: list[str], for_file: bool = False) -> str:
+    """The split table's rows from `out`: the accepted list's columns, then ADDED, in its row order.
+    `for_file`: an empty `assigned` or `reason` as NULL, which a CSV writes as an empty field (as
+    pandas does; DuckDB would write an empty string as "")."""
+    empty = ("assigned", "reason") if for_file else ()
+    selected = [f"nullif({tables.ident(c)}, '') AS {tables.ident(c)}" if c in empty else tables.ident(c)
+                for c in [*columns, *ADDED]]
+    return f"SELECT {', '.join(selected)} FROM out ORDER BY ord"
+
+
+def check_split_table(con) -> None:
+    """A StageError, before any training, when `out` leaves no image to train on or to test on."""
+    counts = dict(con.execute("SELECT split, count(*) FROM out GROUP BY split").fetchall())
     for name, what in (("train", "to train on"), ("test", "to test on")):
         if not counts.get(name, 0):
             split_counts = ", ".join(f"{s} {int(counts.get(s, 0))}" for s in (*SPLITS, "unused"))
-            reasons = out.loc[out["split"] == "unused", "reason"].value_counts()
-            why = f" (unused: {', '.join(f'{r} {n}' for r, n in reasons.items())})" if len(reasons) else ""
-            raise StageError(f"no image is left {what}: of {len(out)} accepted images, {split_counts}{why}; "
+            reasons = con.execute("SELECT reason, count(*) FROM out WHERE split = 'unused' GROUP BY reason "
+                                  "ORDER BY count(*) DESC, reason").fetchall()
+            why = f" (unused: {', '.join(f'{r} {n}' for r, n in reasons)})" if reasons else ""
+            raise StageError(f"no image is left {what}: of {sum(counts.values())} accepted images, {split_counts}{why}; "
                              f"see the split params (split.method, split.test_buckets) and the source's folders")
+
+
+# --- the same on pandas frames (tests, notebooks) ----------------------------------------------
+
+_frames_con = []  # one connection for the calls below (opening one costs ~15 ms; these run often in tests)
+
+
+@contextlib.contextmanager
+def _frames():
+    """A cursor of the shared connection: its own temporary tables, nothing left from an earlier call."""
+    if not _frames_con:
+        _frames_con.append(tables.connect())
+        _frames_con.append(_frames_con[0].__enter__())
+    cursor = _frames_con[1].cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+def _state_frame(con):
+    return con.execute("SELECT * FROM state ORDER BY id").df().set_index("id")
+
+
+def _load_frames(con, frame, previous) -> list[str]:
+    columns = [str(c) for c in frame.columns]
+    con.register("accepted_frame", frame.reset_index(drop=True).assign(ord=range(len(frame))))
+    con.execute("CREATE OR REPLACE TEMP VIEW accepted AS SELECT * FROM accepted_frame")
+    con.execute("CREATE OR REPLACE TEMP TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
+    if previous is not None and len(previous):
+        rows = previous.rename_axis("id").reset_index()[STATE_COLUMNS]
+        con.register("previous_frame", rows)
+        con.execute("INSERT INTO state SELECT id, assigned, CAST(arrival AS BIGINT) FROM previous_frame")
+    return columns
+
+
+def assign(frame, p: Split, previous=None):
+    """`frame` (the accepted list) with ADDED, given the `previous` state by id (None: none), as the
+    stage computes it (assign_tables)."""
+    with _frames() as con:
+        columns = _load_frames(con, frame, previous)
+        assign_tables(con, p, columns)
+        out = con.execute(split_table_query(columns)).df()
+    out["arrival"] = out["arrival"].astype("Int64")
+    out["bucket"] = out["bucket"].astype("int64")
+    return out
+
+
+def next_state(previous, out):
+    """The previous state (a frame by id, or None) plus the images `out` assigned, by id."""
+    with _frames() as con:
+        _load_frames(con, out, previous)
+        con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM accepted")
+        return con.execute(NEXT_STATE).df().astype({"arrival": "int64"}).set_index("id")
+
+
+def read_state(path: str | Path):
+    """The definition a state was made with and its `assigned` and `arrival` by id (a frame); None
+    when there is no state."""
+    with _frames() as con:
+        made_with = load_state(con, path)
+        return None if made_with is None else (made_with, _state_frame(con))
+
+
+def previous_assignment(path: str | Path, p: Split):
+    """The state at `path` by id, if it was made with the split's current definition; else None."""
+    with _frames() as con:
+        return _state_frame(con) if previous_state(con, path, p) else None
+
+
+def check_splits(out) -> None:
+    """check_split_table on a split table frame."""
+    with _frames() as con:
+        con.register("out_frame", out)
+        con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM out_frame")
+        check_split_table(con)
+
+
+def write_state(path: str | Path, state, p: Split) -> None:
+    """Write a state frame (by id) to `path`, as the stage does."""
+    with _frames() as con:
+        con.register("state_frame", state.rename_axis("id").reset_index()[STATE_COLUMNS])
+        write_state_table(con, path, p, "SELECT * FROM state_frame ORDER BY id")

@@ -55,10 +55,11 @@ def quote(path: str | Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def read(con, path: str | Path, what: str, made_by: str, name: str) -> list[str]:
-    """Make the CSV table at `path` the view `name`, its columns typed by manifest.DTYPES; its
-    column names. A StageError naming `what` it is and the stage that writes it when it is missing
-    or not a readable CSV."""
+def read(con, path: str | Path, what: str, made_by: str, name: str, typed: bool = True) -> list[str]:
+    """Make the CSV table at `path` the view `name`, its columns typed by manifest.DTYPES (`typed`)
+    or all text as the file has them (to be written out again as they were); its column names. A
+    StageError naming `what` it is and the stage that writes it when it is missing or not a
+    readable CSV."""
     import duckdb
 
     path = Path(path)
@@ -70,10 +71,10 @@ def read(con, path: str | Path, what: str, made_by: str, name: str) -> list[str]
         columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
     except duckdb.Error as exc:
         raise StageError(f"{path}: not a readable {what}: {exc}") from None
-    typed = ", ".join(
-        f"CAST({ident(c)} AS {_SQL_TYPES[DTYPES[c]]}) AS {ident(c)}" if DTYPES.get(c) in _SQL_TYPES else ident(c)
+    selected = ", ".join(
+        f"CAST({ident(c)} AS {_SQL_TYPES[DTYPES[c]]}) AS {ident(c)}" if typed and DTYPES.get(c) in _SQL_TYPES else ident(c)
         for c in columns)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {typed} FROM {source}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {selected} FROM {source}")
     return columns
 
 

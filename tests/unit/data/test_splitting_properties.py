@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from imgpipe.core.params import Split
-from imgpipe.data.splitting import SPLITS, assign, bucket, hash_assign, next_state, read_state, write_state
+from imgpipe.data.splitting import SPLITS, assign, bucket, next_state, read_state, write_state
 
 CLASSES = ("a", "b", "c")
 # hypothesis keeps caches in ./.hypothesis by default: not in the project folder
@@ -99,7 +99,7 @@ def round_trip(state: pd.Series, p: Split) -> pd.Series:
     return back
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=params, layout=source_layouts, start=st.lists(st.tuples(st.sampled_from(CLASSES), st.integers(0, 3)),
                                                        min_size=10, max_size=60),
        history=st.lists(ops, min_size=1, max_size=10))
@@ -161,8 +161,10 @@ def test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_traine
 
         if state is None:  # with no state, an image without near-duplicates gets the hash of its own id
             alone = out["group"] == out["id"]
-            if p.method == "hash":
-                expected = hash_assign(out["id"].map(bucket), p)
+            if p.method == "hash":  # the buckets' ranges as the docs give them: test wins where they overlap
+                buckets = out["id"].map(bucket)
+                expected = pd.Series("train", index=out.index).mask(buckets.between(*p.val_buckets), "val")
+                expected = expected.mask(buckets.between(*p.test_buckets), "test")
             else:
                 expected = out["source_split"].copy()
                 for name in ("val", "test"):
