@@ -13,8 +13,9 @@ repro` runs it, with its peak resident memory (ru_maxrss of the child, from `/us
   members digest, and every file's members streamed in order, in one process (`Layout.of` and
   `Layout.members`, what the stage does on a full run besides decoding and writing).
 
-With `--stages rebalance preprocess_tables` the split table is made from the manifest in chunks
-(`split_table`), so that 10M rows can be measured without validate and split.
+Without validate in `--stages`, the accepted list is made from the manifest in chunks
+(`accepted_table`); without split, the split table (`split_table`): so that 10M rows can be
+measured without the stages that still hold a whole table.
 
 Usage: .venv/bin/python bench/table_memory_bench.py --rows 100000 1000000
 """
@@ -96,6 +97,14 @@ def split_table(manifest_path: Path, path: Path) -> None:
             chunk.to_csv(fh, header=i == 0, index=False, lineterminator="\n")
 
 
+def accepted_table(manifest_path: Path, path: Path) -> None:
+    """An accepted list for a manifest without running validate: every row accepted, each image its
+    own near-duplicate group (what validate writes for these random hashes); written in chunks."""
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        for i, chunk in enumerate(pd.read_csv(manifest_path, dtype=str, keep_default_na=False, chunksize=200_000)):
+            chunk.assign(group=chunk["id"]).to_csv(fh, header=i == 0, index=False, lineterminator="\n")
+
+
 def peak(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     """(peak RSS in MB, seconds, the last lines of output) of `cmd` as a child process."""
     start = time.perf_counter()
@@ -129,6 +138,8 @@ def main() -> None:
         row = {"rows": rows, "manifest_mb": round((work / "data/interim/manifest.csv").stat().st_size / 2**20, 1)}
         if "split" not in args.stages:
             split_table(work / "data/interim/manifest.csv", work / "data/interim/split.csv")
+        elif "validate" not in args.stages:
+            accepted_table(work / "data/interim/manifest.csv", work / "data/interim/accepted.csv")
         for stage in args.stages:
             cmd = ([sys.executable, "-c", PREPROCESS_TABLE_WORK, "data/interim/split.csv"] if stage == "preprocess_tables"
                    else [sys.executable, "-m", f"stages.{stage}"])

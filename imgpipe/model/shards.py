@@ -26,6 +26,7 @@ and a file it rewrites copies the records of the images it already held from the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,19 +80,15 @@ class Layout:
                                            "('train', 'val', 'test') GROUP BY ALL").fetchall():
             counts[split] += n
             class_counts[split][label] = n
-        # what members_digest hashes: each image's id, label index and path, in arrival order
-        rows = con.execute(f"""SELECT split, number, count(*), sha1(string_agg(
-                                   id || chr(9) || CAST(y AS VARCHAR) || chr(9) || path || chr(10), '' ORDER BY arrival))
-                               FROM ({cls._USED}) GROUP BY split, number""", [classes, per_shard]).fetchall()
-        order = {s: i for i, s in enumerate(splits)}
-        files = {shard_name(split, number): {"count": n, "members": digest}
-                 for split, number, n, digest in sorted(rows, key=lambda r: (order[r[0]], r[1]))}
-        return cls(files, classes, counts, class_counts, con, per_shard, tuple(splits))
+        layout = cls({}, classes, counts, class_counts, con, per_shard, tuple(splits))
+        # each file's members digest, from one sorted pass (a digest in SQL would hold every file's
+        # members in memory at once: DuckDB does not spill an ordered string_agg)
+        layout.files = {name: {"count": len(rows), "members": members_digest(rows)} for name, rows in layout._rows(None)}
+        return layout
 
-    def members(self, names) -> Iterator[tuple[str, pd.DataFrame]]:
-        """(name, its images: id, y, path, arrival, in arrival order) of each file of `names`, in
-        `files` order: one sorted pass over the table (DuckDB sorts out of core)."""
-        wanted = set(names)
+    def _rows(self, wanted: set | None) -> Iterator[tuple[str, list[tuple]]]:
+        """(name, its images' (id, y, path, arrival) in arrival order) of each file in `wanted`
+        (None: every file), in split order then by number: one pass, sorted by DuckDB out of core."""
         query = (f"SELECT split, number, id, y, path, arrival FROM ({self._USED}) "
                  "ORDER BY list_position(?, split), arrival")
         result = self.con.execute(query, [self.classes, self.per_shard, list(self.splits)])
@@ -100,17 +97,32 @@ class Layout:
             for split, number, image_id, y, path, arrival in batch:
                 name = shard_name(split, number)
                 if name != current:
-                    if current in wanted:
-                        yield current, _members(rows)
+                    if current is not None and (wanted is None or current in wanted):
+                        yield current, rows
                     current, rows = name, []
-                if name in wanted:
+                if wanted is None or name in wanted:
                     rows.append((image_id, y, path, arrival))
-        if current in wanted:
-            yield current, _members(rows)
+        if current is not None and (wanted is None or current in wanted):
+            yield current, rows
+
+    def members(self, names) -> Iterator[tuple[str, pd.DataFrame]]:
+        """(name, its images: id, y, path, arrival, in arrival order) of each file of `names`, in
+        `files` order."""
+        for name, rows in self._rows(set(names)):
+            yield name, _members(rows)
 
 
 def _members(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "y", "path", "arrival"])
+
+
+def members_digest(rows: list[tuple]) -> str:
+    """What decides a file's records, but for the pixels: each image's id, label index and path, in
+    order (rows of (id, y, path, ...)), as meta.json keeps it."""
+    digest = hashlib.sha1()
+    for image_id, y, path, *_ in rows:
+        digest.update(f"{image_id}\t{y}\t{path}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def previous_meta(folder: str | Path) -> dict | None:
