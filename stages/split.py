@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 def run(p: Split, paths: Paths) -> None:
     with tables.connect() as con:
         columns = tables.read(con, paths.accepted, "accepted list", "validate", "accepted_text", typed=False)
-        # each row's place in the file: the split table keeps the accepted list's order
-        con.execute("CREATE TEMP TABLE accepted AS SELECT *, row_number() OVER () AS ord FROM accepted_text")
+        # ord: each row's place in the file (a table's rowid: DuckDB keeps the insertion order), so
+        # that the split table keeps the accepted list's order
+        tables.guarded(lambda: con.execute("CREATE TEMP TABLE accepted_rows AS SELECT * FROM accepted_text"),
+                       f"{paths.accepted}: not a readable accepted list")
+        con.execute("CREATE TEMP VIEW accepted AS SELECT *, rowid AS ord FROM accepted_rows")
         if not con.execute("SELECT count(*) FROM accepted").fetchone()[0]:
             raise StageError(f"{paths.accepted} lists no accepted images")
         previous_state(con, paths.split_state, p)

@@ -127,7 +127,10 @@ def load_state(con, path: str | Path) -> dict | None:
         if columns not in (STATE_COLUMNS, STATE_COLUMNS[:2]):
             raise StageError(f"{path}: a split state has columns {','.join(STATE_COLUMNS)}, this one "
                              f"{','.join(map(str, columns))}; {RESET}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE state_rows AS SELECT *, row_number() OVER () AS line FROM {source}")
+        # a table's rowid is its rows' place in the file (DuckDB keeps the insertion order): a
+        # window over the whole table would hold it in memory at once
+        con.execute(f"CREATE OR REPLACE TEMP TABLE state_file AS SELECT * FROM {source}")
+        con.execute("CREATE OR REPLACE TEMP TABLE state_rows AS SELECT *, rowid + 1 AS line FROM state_file")
         if columns == STATE_COLUMNS[:2]:  # made before arrivals were kept: each split numbered in id order
             con.execute("""CREATE OR REPLACE TEMP TABLE state_rows AS SELECT id, assigned, CAST(row_number() OVER (
                            PARTITION BY assigned ORDER BY id, line) - 1 AS VARCHAR) AS arrival, line FROM state_rows""")
@@ -256,13 +259,15 @@ def assign_tables(con, p: Split, columns: list[str]) -> None:
         wanted = (f"CASE WHEN {_between('gb', p.test_buckets)} THEN 'test' "
                   f"WHEN {_between('gb', p.val_buckets)} THEN 'val' ELSE 'train' END")
         key = "grp"
-    selected = ", ".join(f"a.{tables.ident(c)}" for c in columns)
+    # Narrow tables from here on (the columns the rules read): sorts and windows over every
+    # column of millions of rows would not fit DuckDB's memory limit; the others join back at the end.
+    extra = ", a.source_split" if "source_split" in columns else ""
     # grp: the image's near-duplicate group; gb: the group's bucket, which decides a new group's split
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE base AS
         WITH a AS (SELECT *, {group} AS grp, {_bucket_sql(group)} AS gb FROM accepted)
-        SELECT {selected}, a.ord, {_bucket_sql('a.id')} AS bucket, s.assigned AS prior, s.arrival AS known_arrival,
-               {key} AS key, {wanted} AS wanted
+        SELECT a.ord, a.id, a.label{extra}, {_bucket_sql('a.id')} AS bucket, s.assigned AS prior,
+               s.arrival AS known_arrival, {key} AS key, {wanted} AS wanted
         FROM a LEFT JOIN state s ON s.id = a.id""")
     # a new image takes the assignment of the assigned images sharing its key, "" if they disagree
     con.execute("""
@@ -274,13 +279,15 @@ def assign_tables(con, p: Split, columns: list[str]) -> None:
     # each assigned image's arrival: the state's, or for a new image the next free numbers of its
     # split, in id order; NULL where `assigned` is empty
     con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE arrivals AS
+        SELECT ord, coalesce(t.top, -1) + row_number() OVER (PARTITION BY i.assigned ORDER BY i.id, i.ord) AS arrival
+        FROM (SELECT ord, id, assigned FROM inherited WHERE known_arrival IS NULL AND assigned IN {_list(SPLITS)}) i
+             LEFT JOIN (SELECT assigned, max(arrival) AS top FROM state GROUP BY assigned) t USING (assigned)""")
+    con.execute("""
         CREATE OR REPLACE TEMP TABLE out AS
-        SELECT i.* EXCLUDE (prior, known_arrival, wanted),
-               CASE WHEN known_arrival IS NOT NULL THEN known_arrival
-                    WHEN assigned IN {_list(SPLITS)} THEN coalesce(t.top, -1) + row_number() OVER (
-                         PARTITION BY assigned, known_arrival IS NULL ORDER BY id, ord) END AS arrival,
+        SELECT i.* EXCLUDE (prior, known_arrival, wanted), coalesce(i.known_arrival, n.arrival) AS arrival,
                assigned AS split, '' AS reason
-        FROM inherited i LEFT JOIN (SELECT assigned, max(arrival) AS top FROM state GROUP BY assigned) t USING (assigned)""")
+        FROM inherited i LEFT JOIN arrivals n USING (ord)""")
 
     _set_aside(con, "assigned = ''", "conflict", "new near-duplicates of images already in different splits")
     (mixed,) = con.execute("SELECT count(*) FROM (SELECT key FROM out WHERE assigned <> '' GROUP BY key "
@@ -309,9 +316,9 @@ def split_table_query(columns: list[str], for_file: bool = False) -> str:
     `for_file`: an empty `assigned` or `reason` as NULL, which a CSV writes as an empty field (as
     pandas does; DuckDB would write an empty string as "")."""
     empty = ("assigned", "reason") if for_file else ()
-    selected = [f"nullif({tables.ident(c)}, '') AS {tables.ident(c)}" if c in empty else tables.ident(c)
-                for c in [*columns, *ADDED]]
-    return f"SELECT {', '.join(selected)} FROM out ORDER BY ord"
+    selected = [f"a.{tables.ident(c)}" for c in columns]
+    selected += [f"nullif(o.{c}, '') AS {c}" if c in empty else f"o.{c}" for c in ADDED]
+    return f"SELECT {', '.join(selected)} FROM accepted a JOIN out o ON a.ord = o.ord ORDER BY a.ord"
 
 
 def check_split_table(con) -> None:
