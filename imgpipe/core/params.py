@@ -262,7 +262,8 @@ class Train:
                               "layer by layer; set 0")
         if self.augments and not self.augment_in_phase1 and not self.fine_tune_epochs:
             raise ParamsError("train.augment_in_phase1 is false and there is no phase 2 (train.fine_tune_epochs): "
-                              "the augmentation set would never apply")
+                              "the augmentation set would never apply (the default train.augment_flip is "
+                              "horizontal: set it to none, or train.augment_in_phase1: true)")
         if self.early_stopping_patience < 0 or self.reduce_lr_patience < 0:
             raise ParamsError("train.early_stopping_patience and train.reduce_lr_patience must be >= 0 (0 = off)")
         if not 0.0 < self.reduce_lr_factor < 1.0:
@@ -299,9 +300,11 @@ class Train:
         if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adamw"):
             raise ParamsError(f"train.weight_decay ({self.weight_decay}) must be >= 0 and needs train.optimizer: adamw "
                               "(Adam's L2 penalty is not decoupled weight decay)")
-        if self.warmup_epochs < 0 or (self.warmup_epochs and self.lr_schedule != "cosine"):
-            raise ParamsError(f"train.warmup_epochs ({self.warmup_epochs}) must be >= 0 and needs "
-                              "train.lr_schedule: cosine")
+        if self.warmup_epochs < 0:
+            raise ParamsError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_epochs and self.lr_schedule != "cosine":
+            raise ParamsError(f"train.warmup_epochs ({self.warmup_epochs}; the default is 1.0) warms up the cosine "
+                              f"schedule: with train.lr_schedule: {self.lr_schedule} set it to 0")
         if self.lr_schedule != "constant" and self.reduce_lr_patience:
             raise ParamsError("train.reduce_lr_patience lowers a constant learning rate on a plateau; "
                               f"with train.lr_schedule: {self.lr_schedule} set it to 0")

@@ -226,6 +226,11 @@ def backed_up_epoch(runs: Path) -> int:
     ({"erasing_aspect": [0.0, 2.0]}, "train.erasing_aspect must be"),
     ({"augment_flip": "horizontal", "augment_in_phase1": False}, "would never apply"),
     ({"reduce_lr_factor": 1.0}, "train.reduce_lr_factor must be between 0 and 1"),
+    # the defaults' warm-up and flip, named with what to change
+    ({"lr_schedule": "constant"}, "warmup_epochs .1.0; the default is 1.0. warms up the cosine schedule: with "
+                                  "train.lr_schedule: constant set it to 0"),
+    ({"augment_in_phase1": False}, "the default train.augment_flip is horizontal: set it to none"),
+    ({"warmup_epochs": -1.0}, "train.warmup_epochs must be >= 0"),
 ])
 def test_bad_train_params_are_named(settings, message):
     from imgpipe.core.params import ParamsError, params_from_dict
