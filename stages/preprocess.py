@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def train_stats(runner: Batches, ingest: Ingest, layout: shards.Layout, p: Preprocess, channels: int):
     train = [name for name in layout.files if name.startswith("train-")]
-    size = encoding.DASK_BATCH if runner.on_dask else encoding.BATCH
+    size = encoding.job_size(runner.on_dask, p)
     paths = (path for _, members in layout.members(train) for path in members["path"])
     stats = ChannelStats(channels)
     jobs = ((ingest, p, channels, batch) for batch in encoding.chunks(paths, size))
@@ -133,7 +133,7 @@ def update(runner: Batches, ingest: Ingest, folder: Path, layout: shards.Layout,
             olds = {shards.shard_name(split, int(a) // old_per_shard) for a in members["arrival"]}
             stored = shards.stored_records(folder / n for n in sorted(olds) if n in old["shards"])
         missing = [path for image_id, path in zip(members["id"], members["path"]) if image_id not in stored]
-        size = encoding.DASK_BATCH if runner.on_dask else encoding.BATCH
+        size = encoding.job_size(runner.on_dask, p)
         handles = [runner.submit(encoding.encode, (ingest, p, mean, std, batch)) for batch in encoding.batches(missing, size)]
         return name, members, stored, handles
 

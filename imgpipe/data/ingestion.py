@@ -38,8 +38,10 @@ from imgpipe.data.sources import Record, Source, TooLarge, hash_file, is_url, re
 from imgpipe.images import facts as image_facts
 from imgpipe.images import formats
 
-# files per task sent to a worker: large enough that messaging costs little per image
+# files per task sent to a worker: large enough that messaging costs little per image; on Dask,
+# where a job's round trip costs milliseconds, 4x as many (bench/RESULTS.md)
 CHUNKSIZE = 256
+DASK_CHUNKSIZE = 1024
 # A file's values (what describe and the others below return, and the facts cache keeps) are its
 # manifest row without the RECORD_COLUMNS: manifest.BYTE_COLUMNS, in that order.
 assert COLUMNS[1:4] == RECORD_COLUMNS  # manifest_row puts the record's back after the id
@@ -138,7 +140,7 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
     `cluster` (Batches on a Dask cluster), the files are read and described on its workers.
     """
     csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n").writeheader()
-    batches = _batched(source.records(), CHUNKSIZE)
+    batches = _batched(source.records(), CHUNKSIZE if cluster is None else DASK_CHUNKSIZE)
     if source.layout == "idx":
         def idx_lines(batch: list[Record]) -> Described:
             facts = image_facts.FactsBatch()

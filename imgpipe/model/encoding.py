@@ -19,8 +19,15 @@ from imgpipe.model.shards import pixel_bytes
 # images per job sent to a worker: enough that the per-job overhead (~1 ms on Dask) is small,
 # few enough that the workers are all busy on a file of a few hundred images
 BATCH = 64
-# on Dask, where a job's round trip costs milliseconds (bench/RESULTS.md): 4x as many
+# on Dask, where a job's round trip costs milliseconds (bench/RESULTS.md): 4x as many, and for
+# small output images as many as make DASK_PIXELS output pixels (Fashion-MNIST at 32x32: 1024)
 DASK_BATCH = 256
+DASK_PIXELS = 1 << 20
+
+
+def job_size(on_dask: bool, p: Preprocess) -> int:
+    """Images per job sent to a worker."""
+    return max(DASK_BATCH, DASK_PIXELS // (p.size[0] * p.size[1])) if on_dask else BATCH
 
 _sources: dict[Ingest, Source] = {}
 

@@ -20,6 +20,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from imgpipe.core.params import Split, params_from_dict
+from imgpipe.data import ingestion
 from imgpipe.data.splitting import assign
 from stages import ingest, preprocess
 from tests.data.test_ingest import flower_files
@@ -75,6 +76,12 @@ def local(world):
     return folder_bytes(world / "local")
 
 
+@pytest.fixture(autouse=True)
+def several_ingest_jobs(monkeypatch):
+    # 450 files would be one job of DASK_CHUNKSIZE: 128 a job, so that both workers get some
+    monkeypatch.setattr(ingestion, "DASK_CHUNKSIZE", 128)
+
+
 @pytest.fixture(scope="module")
 def s3_source(world):
     """The photos in a bucket of an S3 server on loopback, and the environment that reaches it
@@ -128,7 +135,7 @@ def test_ingest_on_a_local_cluster_writes_the_local_pools_manifest(world, cluste
 
     log = run_ingest(ingest_params(world, "dask.csv", executor="dask", scheduler=cluster.scheduler_address), caplog)
     assert (world / "dask.csv").read_bytes() == expected
-    # 450 files in batches of 256: both workers got one
+    # 450 files in jobs of 128: both workers got some
     assert "described on 2 Dask workers" in log, log
 
     # with the facts cache: this process looks the files up and stores what the workers found
