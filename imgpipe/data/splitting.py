@@ -225,8 +225,10 @@ def _cap(con, name: str, limit: int) -> None:
 
 def assign_tables(con, p: Split, columns: list[str]) -> None:
     """From the view `accepted` (the accepted list's `columns` as text, and `ord`, its row order)
-    and the temp table `state` (the previous assignment; empty: none): the temp table `out`, the
-    accepted list with ADDED, `ord` and `key` (the near-duplicate key). The pure core of the stage."""
+    and the temp table `state` (the previous assignment; empty: none): the temp table `out`, one
+    row per accepted row (`ord`) with the columns the rules read (id, label, source_split), `key`
+    (the near-duplicate key) and ADDED; split_table_query joins the other columns back. The pure
+    core of the stage."""
     group = '"group"' if "group" in columns else "id"  # an accepted list without groups splits image by image
     source = p.method == "source"
     if source:
