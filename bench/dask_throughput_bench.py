@@ -28,7 +28,6 @@ local pool and on the cluster, so the per-batch cost of each is seen alone.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -44,9 +43,8 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.workspace import ROOT, SHARED, environment, run_stage, write_params  # noqa: E402
+from bench.workspace import ROOT, SHARED, environment, fashion_splits, run_stage, write_params  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
 VARIANTS = ("local", "cluster", "local-cluster")
 DATASETS = {
@@ -58,11 +56,7 @@ DATASETS = {
 
 def write_fashion(raw: Path) -> None:
     """Fashion-MNIST as PNG files, plus the first 30,000 training images mirrored: 100,000 files."""
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        with gzip.open(FASHION / f"{prefix}-images-idx3-ubyte.gz") as f:
-            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(FASHION / f"{prefix}-labels-idx1-ubyte.gz") as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    for split, images, labels in fashion_splits():
         for i, (image, label) in enumerate(zip(images, labels)):
             folder = raw / split / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -37,14 +37,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import gzip
 
 import cv2
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.workspace import ROOT, SHARED, environment  # noqa: E402
+from bench.workspace import ROOT, SHARED, environment, fashion_splits  # noqa: E402
 from tests.e2e.test_pipeline import make_origin, set_params  # noqa: E402
 
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
@@ -70,17 +68,12 @@ def reencode(job: tuple[Path, Path, int, bool]) -> None:
     cv2.imwrite(str(dst), image, [cv2.IMWRITE_JPEG_QUALITY, quality])
 
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PARAMS = {"split.method": "source", "split.max_train_per_class": 0, "split.max_val_per_class": 0}
 
 
 def write_fashion(folder: Path, extra: Path) -> None:
     """Fashion-MNIST as PNG files by split and class; every 100th image into `extra` instead."""
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        with gzip.open(FASHION / f"{prefix}-images-idx3-ubyte.gz") as f:
-            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(FASHION / f"{prefix}-labels-idx1-ubyte.gz") as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    for split, images, labels in fashion_splits():
         for i, (image, label) in enumerate(zip(images, labels)):
             out = (extra if i % 100 == 0 else folder) / split / f"class{label}" / f"{i:05d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+# Fashion-MNIST's IDX files, from the Debian package dataset-fashion-mnist
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 ROOT = Path(os.environ.get("IMGPIPE_BENCH_DIR", f"/tmp/imgpipe-bench-{os.getuid()}"))
 DATA_STAGES = ("ingest", "validate", "split", "preprocess", "rebalance")
 
@@ -81,3 +83,17 @@ def run_stage(folder: Path, stage: str, params: Path | None = None) -> subproces
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         print(prepare(arg))
+
+
+def fashion_splits():
+    """(split, images [n, 28, 28] uint8, labels [n]) of Fashion-MNIST: train, then test (t10k)."""
+    import gzip
+
+    import numpy as np
+
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        with gzip.open(FASHION / f"{prefix}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(FASHION / f"{prefix}-labels-idx1-ubyte.gz") as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+        yield split, images, labels
