@@ -10,16 +10,18 @@ top-level figures of every metrics file.
         -e "train.learning_rate=0.01" -e "train.learning_rate=0.001 train.epochs=5"
 
 On a Dask cluster (`address`, or `dask_workers` for a local one) each experiment is instead one
-Prefect task run by prefect-dask's DaskTaskRunner on a worker: `dvc exp run --temp` there, in a
-temporary copy of the repository, so the cluster's machines run experiments side by side. Their
+Prefect task run by prefect-dask's DaskTaskRunner on a worker: `dvc exp run` there, in a clone
+of the repository of its own, so the cluster's machines run experiments side by side. Their
 workers need this project installed and the repository at the same path (a shared file system);
 the experiments' results land in the repository as DVC experiments, as the queue's do.
 """
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -60,18 +62,64 @@ def _set_params(overrides: list[str]) -> list[str]:
 @task(cache_policy=NO_CACHE)
 def run_experiment(repo: str, overrides: list[str]) -> dict:
     """Run one experiment here and now (on a Dask worker: the repository at the same path) in a
-    temporary copy of the repository: {"name": DVC's name for it, None if it failed, "worker":
-    the Dask worker's address}. A failure is logged with the experiment's last output lines."""
+    clone of its own: {"name": DVC's name for it, None if it failed, "worker": the Dask worker's
+    address}. A failure is logged with the experiment's last output lines.
+
+    Not `dvc exp run --temp` in the repository itself: each such run queues its experiment in
+    the repository's one temporary-run queue and then runs every entry it finds there, so two
+    started together can run each other's experiment (seen: one process ran both, the other
+    reported a run of neither). A clone has a queue of its own; what DVC's temporary copy gets,
+    it gets too: the last commit plus the workspace's uncommitted changes to tracked files, the
+    repository's local DVC config, and its cache (shared, so outputs that exist are reused and
+    the experiment's land where the repository finds them). The experiment goes back to the
+    repository with `dvc exp push`.
+    """
     logger = get_run_logger()
-    # concurrent experiments take the repository's lock in turns when they start and finish
-    returncode, tail = run_dvc(repo, ["--wait-for-lock", "exp", "run", "--temp", *_set_params(overrides)],
-                               logger.info)
-    names = [match.group(1) for line in tail if (match := RAN.search(line))]
-    if returncode != 0 or not names:
-        output = "\n".join(tail)
-        logger.error("experiment %s failed (exit code %d):\n%s", " ".join(overrides), returncode, output)
-        return {"name": None, "worker": worker_address()}
-    return {"name": names[0], "worker": worker_address()}
+    worker = worker_address()
+    with tempfile.TemporaryDirectory(prefix="imgpipe-experiment-") as tmp:
+        clone = str(Path(tmp) / "repo")
+        try:
+            _clone(repo, clone)
+        except ExperimentFailed as exc:
+            logger.error("experiment %s could not start: %s", " ".join(overrides), exc)
+            return {"name": None, "worker": worker}
+        returncode, tail = run_dvc(clone, ["exp", "run", *_set_params(overrides)], logger.info)
+        names = [match.group(1) for line in tail if (match := RAN.search(line))]
+        if returncode != 0 or not names:
+            output = "\n".join(tail)
+            logger.error("experiment %s failed (exit code %d):\n%s", " ".join(overrides), returncode, output)
+            return {"name": None, "worker": worker}
+        # the cache is the repository's: only the experiment's git ref has to go back
+        returncode, tail = run_dvc(clone, ["exp", "push", "--no-cache", "origin", names[0]], logger.info)
+        if returncode != 0:
+            output = "\n".join(tail)
+            logger.error("experiment %s ran but could not be pushed back (exit code %d):\n%s",
+                         names[0], returncode, output)
+            return {"name": None, "worker": worker}
+    return {"name": names[0], "worker": worker}
+
+
+def _clone(repo: str, clone: str) -> None:
+    """A clone of `repo` at `clone` as DVC's temporary copy would be (see run_experiment)."""
+    def run(command: list[str], cwd: str, what: str, stdin: str | None = None) -> str:
+        done = subprocess.run(command, cwd=cwd, env=dvc_env(), input=stdin, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise ExperimentFailed(f"{what} failed (exit code {done.returncode}):\n{done.stderr.strip()}")
+        return done.stdout
+
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "clone", "--quiet", repo, clone], str(Path(clone).parent), f"git clone {repo}")
+    changes = run(["git", "diff", "HEAD", "--binary"], repo, "git diff HEAD")
+    if changes:
+        run(["git", "apply", "--binary", "-"], clone, "applying the workspace's changes", changes)
+    local_config = Path(repo, ".dvc", "config.local")
+    if local_config.exists():
+        shutil.copyfile(local_config, Path(clone, ".dvc", "config.local"))
+    cache = run([*dvc, "cache", "dir"], repo, "dvc cache dir").strip()
+    run([*dvc, "cache", "dir", "--local", cache], clone, "dvc cache dir --local")
+    # the data the stages read, from the cache; outputs not in it are made by the run
+    run([*dvc, "checkout", "--force", "--allow-missing", "--quiet"], clone, "dvc checkout")
 
 
 @task(cache_policy=NO_CACHE)
@@ -211,7 +259,7 @@ def experiments(
 
     Locally, the experiments are queued and DVC runs the queue `jobs` at a time. With `address`
     (an existing Dask cluster's scheduler, tcp://HOST:8786) or `dask_workers` (a local cluster of
-    that many processes), each runs as a task on the cluster's workers (`dvc exp run --temp`),
+    that many processes), each runs as a task on the cluster's workers (`dvc exp run` in a clone),
     and the table gains a `worker` column: the worker that ran it.
 
     Returns the table's rows. Fails, after publishing the table, if any experiment failed.

@@ -78,6 +78,9 @@ def test_runs_queued_experiments_and_publishes_the_comparison(prefect_api, clien
 
 def test_on_a_dask_cluster_each_experiment_runs_as_a_task_on_a_worker(prefect_api, client, tmp_path):
     repo = make_repo(tmp_path / "repo")
+    # an uncommitted change: experiments start from the workspace, as DVC's own do
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("epochs: 2", "epochs: 4"))
     overrides = [["train.lr=0.5"], ["train.lr=0.25", "train.epochs=3"], ["train.lr=-1"]]
 
     state = experiments(repo=str(repo), overrides=overrides, dask_workers=2, return_state=True)
@@ -88,8 +91,8 @@ def test_on_a_dask_cluster_each_experiment_runs_as_a_task_on_a_worker(prefect_ap
     rows = table.data
     names = [row["experiment"] for row in rows]
     assert [(row["state"], row["train.lr"], row["score"]) for row in rows] == [
-        ("baseline", 0.1, 0.2), ("success", 0.5, 1.0), ("success", 0.25, 0.75),
-        # DVC keeps no trace of a failed `exp run --temp`: the row names its overrides
+        ("baseline", 0.1, 0.2), ("success", 0.5, 2.0), ("success", 0.25, 0.75),
+        # DVC keeps no trace of a failed experiment outside its queue: the row names its overrides
         ("failed", None, None)]
     assert names[3] == "exp run -S train.lr=-1" and names[3] in flow_run.state.message
     # three tasks sent at once to two idle single-thread workers: both ran some
