@@ -334,7 +334,8 @@ def summarise(name: str, runs: list[dict], workers: int) -> dict:
 
 
 def near_duplicate_scaling(k: int = 4) -> list[dict]:
-    """Seconds to group n random 64-bit hashes plus n/10 copies of them with up to k bits flipped."""
+    """Seconds to find the close pairs among n random 64-bit hashes plus n/10 copies of them with
+    up to k bits flipped."""
     import numpy as np
 
     from imgpipe.data import near_duplicates
@@ -348,9 +349,10 @@ def near_duplicate_scaling(k: int = 4) -> list[dict]:
             flips |= np.uint64(1) << rng.integers(0, 64, n // 10).astype(np.uint64)
         hashes = np.concatenate([originals, originals[rng.integers(0, n, n // 10)] ^ flips])
         started = time.perf_counter()
-        groups = near_duplicates.groups(hashes, k)
+        values = np.unique(hashes)
+        pairs = near_duplicates.close_pairs(values, k)  # the search; validate then joins the pairs in SQL
         rows.append({"hashes": len(hashes), "distance": k, "seconds": round(time.perf_counter() - started, 2),
-                     "groups": len(np.unique(groups)), "masks": len(near_duplicates.masks(len(hashes), k))})
+                     "close_pairs": len(pairs), "masks": len(near_duplicates.masks(len(hashes), k))})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

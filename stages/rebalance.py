@@ -36,7 +36,7 @@ def run(p: Rebalance, paths: Paths) -> None:
                                       "GROUP BY label ORDER BY label").fetchall())
             if not before:
                 raise StageError(f"{paths.split} has no training images")
-            con.execute(f"COPY ({query}) TO {tables.quote(out / 'copies.csv')} (HEADER, DELIMITER ',')")
+            tables.write_csv(con, query, out / 'copies.csv')
             after = dict(con.execute(f"SELECT label, sum(copies) FROM ({query}) GROUP BY label ORDER BY label").fetchall())
             return before, after
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from imgpipe.core.atomic_write import atomic_path
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Paths, Split
 from imgpipe.core.runner import stage_main
@@ -37,8 +36,7 @@ def run(p: Split, paths: Paths) -> None:
         previous_state(con, paths.split_state, p)
         tables.guarded(lambda: assign_tables(con, p, columns), f"{paths.accepted}: not a readable accepted list")
         check_split_table(con)
-        with atomic_path(paths.split) as tmp:
-            con.execute(f"COPY ({split_table_query(columns, for_file=True)}) TO {tables.quote(tmp)} (HEADER, DELIMITER ',')")
+        tables.write_csv(con, split_table_query(columns, for_file=True), paths.split)
         write_state_table(con, paths.split_state, p)
         counts = con.execute("SELECT split, label, count(*) FROM out GROUP BY ALL ORDER BY split, label").fetchall()
     labels = sorted({label for _, label, _ in counts})

@@ -27,11 +27,11 @@ from imgpipe.core import atomic_write
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Validate
 from imgpipe.core.runner import stage_main
-from imgpipe.data import expectations
+from imgpipe.data import expectations, tables
 from imgpipe.data.ingestion import skipped_path
-from imgpipe.data.manifest import read_manifest
+from imgpipe.data.manifest import COLUMNS
 from imgpipe.data.sources import Source, SourceError
-from imgpipe.data.validation import Triage, failure_message, summarise, triage
+from imgpipe.data.validation import failure_message, load_manifest, summarise, triage_tables
 from imgpipe.reports import data_quality as quality_report
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)
@@ -44,27 +44,27 @@ log = logging.getLogger(__name__)
 def run(rules: Validate, paths: Paths, ingest: Ingest) -> None:
     dq = Path(paths.data_quality)
     report, quarantine = str(dq / SITE), str(dq / QUARANTINE)
-    manifest = read_manifest(paths.manifest)
-    log.info("checking %d manifest rows", len(manifest))
+    # the tables in DuckDB, out of core (imgpipe/data/tables.py): flat memory at millions of rows
+    with tables.connect() as con:
+        load_manifest(con, paths.manifest)
+        verdict = tables.guarded(lambda: triage_tables(con, rules), f"{paths.manifest}: not a readable manifest")
+        labels = list(verdict.classes["label"])
+        log.info("checked %d manifest rows: accepted %d, quarantined %d, %d classes, %d near-duplicate groups",
+                 verdict.inputs, verdict.accepted, verdict.quarantined, len(labels), verdict.near_duplicates["groups"])
+        con.register("classes", verdict.classes)
+        with atomic_write.atomic_dir(dq / Path(SITE).parent) as site:
+            outcomes = expectations.check(con, expectations.tables(), expectations.suites(rules, labels), site)
+        log.info("great expectations: %d of %d expectations passed; report: %s",
+                 sum(o.success for o in outcomes), len(outcomes), report)
 
-    result = triage(manifest, rules)
-    labels = list(result.classes["label"])
-    log.info("accepted %d, quarantined %d, %d classes, %d near-duplicate groups",
-             len(result.accepted), len(result.quarantine), len(labels), len(result.groups))
-
-    tables = expectations.tables(manifest.assign(quarantine_reason=result.decisions["rule"]),
-                                 result.accepted, result.groups, result.classes)
-    with atomic_write.atomic_dir(dq / Path(SITE).parent) as site:
-        outcomes = expectations.check(tables, expectations.suites(rules, labels), site)
-    log.info("great expectations: %d of %d expectations passed; report: %s",
-             sum(o.success for o in outcomes), len(outcomes), report)
-
-    # written before the gate, so that a failed run still leaves the report to read
-    atomic_write.write_csv(paths.accepted, result.accepted)
-    atomic_write.write_csv(quarantine, result.quarantine[["path", "reason", "detail"]])
-    summary = summarise(result, outcomes, report, read_skipped(paths.manifest))
-    atomic_write.write_json(dq / SUMMARY, summary)
-    write_summary_page(rules, ingest, result, summary, dq)
+        # written before the gate, so that a failed run still leaves the report to read
+        columns = ", ".join(f"m.{tables.ident(c)}" for c in COLUMNS)
+        tables.write_csv(con, f'SELECT {columns}, g.grp AS "group" FROM manifest_rows m JOIN grouped g ON g.ord = m.rowid '
+                         "ORDER BY g.ord", paths.accepted)
+        tables.write_csv(con, "SELECT path, reason, detail FROM decided WHERE rule IS NOT NULL ORDER BY ord", quarantine)
+        summary = summarise(verdict, outcomes, report, read_skipped(paths.manifest))
+        atomic_write.write_json(dq / SUMMARY, summary)
+        write_summary_page(rules, ingest, quality_report.select(con, verdict.classes, rules), summary, dq)
 
     message = failure_message(outcomes, report, quarantine)
     if message:
@@ -84,7 +84,7 @@ def read_skipped(manifest: str) -> dict[str, int] | None:
         raise StageError(f"{path}: not what ingest writes ({exc}); run `dvc repro ingest`") from None
 
 
-def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary: dict, dq: Path) -> None:
+def write_summary_page(rules: Validate, ingest: Ingest, shown: quality_report.Shown, summary: dict, dq: Path) -> None:
     """summary.md, index.html and, in summary_files/, the class histogram and the thumbnails."""
     try:
         source = Source.from_params(ingest)
@@ -93,7 +93,7 @@ def write_summary_page(rules: Validate, ingest: Ingest, result: Triage, summary:
         source = None
     with source or contextlib.nullcontext(), atomic_write.atomic_dir(dq / quality_report.FILES) as files:
         links = {"Data Docs": SITE, QUARANTINE: QUARANTINE, SUMMARY: SUMMARY, quality_report.PAGE: quality_report.PAGE}
-        page, html = quality_report.write(result, summary, rules, source, files, links)
+        page, html = quality_report.write(shown, summary, rules, source, files, links)
     atomic_write.write_text(dq / quality_report.PAGE, page)
     atomic_write.write_text(dq / quality_report.HTML_PAGE, html)
     log.info("summary: %s; the full page: %s", dq / quality_report.PAGE, dq / quality_report.HTML_PAGE)

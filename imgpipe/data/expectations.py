@@ -13,10 +13,17 @@ failed warning is only reported. Every threshold comes from `validate:` in param
 
 The GX project is file-backed: `gx/` in the folder the stage runs in (the repository root under
 DVC). What is committed is its configuration, `gx/great_expectations.yml` (store locations,
-analytics and progress bars off, and the pandas data source with one dataframe asset and batch
+analytics and progress bars off, and the SQLite data source with one table asset and batch
 definition per table), and `gx/.gitignore`. The suites are this code: each run stores them,
 with a validation definition and a checkpoint per table, into `gx/uncommitted/`, next to the
 validation results it adds there, so `gx.get_context(mode="file")` finds them after a run.
+The tables are written from the stage's DuckDB tables into an SQLite file, row by row in
+batches, which GX then queries: GX computes its metrics in the database, so memory stays flat at
+millions of rows (GX on pandas holds each table whole; GX's SQL engine does not work with DuckDB's
+SQLAlchemy driver, whose results it reads after closing their connection, and SQLite is a
+dialect GX supports). The file is a temporary one: the data source's connection string is
+`${IMGPIPE_GX_DATABASE}`, set by `check` while GX runs, so great_expectations.yml holds no path.
+
 Nothing under `gx/uncommitted/` is versioned: it is run state (the suites, definitions and
 checkpoints are rewritten from this code by every run; the results of the last RESULTS_KEPT
 runs are kept, and can be deleted at will).
@@ -35,17 +42,21 @@ CSS GX's pages take from CDNs are copied into it (see _offline_data_docs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
-import pandas as pd
 from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
 from imgpipe.core.params import Validate
+from imgpipe.data import tables as sql
 from imgpipe.reports import offline
 
 SITE = "data_quality"
@@ -54,8 +65,10 @@ GX_DIR = "gx"
 # the repository's committed GX files, copied into a folder that has no GX project yet
 TEMPLATE = Path(__file__).resolve().parents[2] / GX_DIR
 TEMPLATE_FILES = ("great_expectations.yml", ".gitignore")
-# the pandas data source of great_expectations.yml: one dataframe asset per table
+# the SQLite data source of great_expectations.yml: one table asset per table
 SOURCE = "validate"
+# the environment variable its connection string names (great_expectations.yml holds no path)
+DATABASE = "IMGPIPE_GX_DATABASE"
 # offending rows quoted per failed expectation in the error message
 EXAMPLES = 5
 # the runs whose results gx/uncommitted/validations keeps, per suite (see _prune_results)
@@ -64,8 +77,8 @@ RESULTS_KEPT = 10
 
 @dataclass(frozen=True)
 class Table:
-    name: str  # the suite's name in the report
-    frame: pd.DataFrame
+    name: str  # the suite's name in the report, and the table's
+    query: str  # its rows, from the validate stage's DuckDB tables (imgpipe/data/validation.py)
     key: str  # the column that names a row in examples
     noun: str  # what one row is, for messages ("images", "classes")
     notes: str
@@ -87,25 +100,26 @@ class Outcome:
     examples: tuple[str, ...]  # a few offending rows, e.g. "cats/a.jpg (unreadable)"
 
 
-def tables(manifest: pd.DataFrame, accepted: pd.DataFrame, groups: pd.DataFrame,
-           classes: pd.DataFrame) -> list[Table]:
-    """`manifest` carries a `quarantine_reason` column: the rule that quarantined the row, or empty.
-
-    The rule, not the full reason text ("duplicate of <path>"), so that the report's table of
-    unexpected values counts rows per kind of problem.
-    """
-    group_size = accepted.groupby("group")["id"].transform("size")
+def tables() -> list[Table]:
+    """The four tables, from validation.triage_tables' `decided` and `grouped`, and the stage's
+    `groups` and `classes`. The manifest's `quarantine_reason` is the rule that quarantined the
+    row, or empty: the rule, not the full reason text ("duplicate of <path>"), so that the
+    report's table of unexpected values counts rows per kind of problem."""
     return [
-        Table("image_manifest", manifest, "path", "images",
+        Table("image_manifest", "SELECT path, error, rule AS quarantine_reason FROM decided ORDER BY ord",
+              "path", "images",
               "Every file the ingest stage found, with the reason it was quarantined (if it was)."),
-        Table("accepted_images", accepted.assign(near_duplicates=group_size - 1), "path", "images",
+        Table("accepted_images",
+              "SELECT d.path, d.id, d.label, d.width, d.height, d.channels, d.sharpness, d.brightness, "
+              "d.contrast, g.n - 1 AS near_duplicates FROM decided d JOIN grouped g USING (ord) ORDER BY ord",
+              "path", "images",
               "The images that passed the per-image checks: what the next stages train on. "
               "`near_duplicates` counts the other images of the image's near-duplicate group."),
-        Table("near_duplicate_groups", groups, "path", "groups",
+        Table("near_duplicate_groups", 'SELECT * FROM groups ORDER BY "group"', "path", "groups",
               "One row per group of near-duplicate images (perceptual hashes within the distance set "
               "in params.yaml), named by its image with the smallest id. The split stage keeps a group "
               "in one split; a split given by the source is kept as it is."),
-        Table("class_counts", classes, "label", "classes",
+        Table("class_counts", "SELECT * FROM classes", "label", "classes",
               "One row per class with its number of accepted images, and the largest class's count "
               "over this one's (`imbalance`)."),
     ]
@@ -187,32 +201,65 @@ def suites(rules: Validate, labels: list[str]) -> dict[str, list[gxe.Expectation
     }
 
 
-def check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path,
+def check(con, tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path,
           root: Path = Path(".")) -> list[Outcome]:
-    """Validate each table against its suite, with the GX project in `root`/gx, and write the
-    Data Docs site of this run into `site_dir`."""
+    """Validate each table (its query on the DuckDB connection `con`) against its suite, with the
+    GX project in `root`/gx, and write the Data Docs site of this run into `site_dir`."""
+    with tempfile.TemporaryDirectory(prefix="imgpipe-gx-") as folder:
+        database = Path(folder) / "validate.sqlite"
+        for table in tables:
+            _to_sqlite(con, table.query, database, table.name)
+        previous = os.environ.get(DATABASE)
+        os.environ[DATABASE] = f"sqlite:///{database}"
+        try:
+            return _check(tables, suites, site_dir, root)
+        finally:
+            if previous is None:
+                os.environ.pop(DATABASE, None)
+            else:
+                os.environ[DATABASE] = previous
+
+
+def _to_sqlite(con, query: str, database: Path, name: str) -> None:
+    """The rows of `query` into the table `name` of the SQLite file, in batches."""
+    result = con.execute(query)
+    columns = [(column, _SQLITE_TYPES.get(str(kind), "TEXT")) for column, kind, *_ in result.description]
+    with contextlib.closing(sqlite3.connect(database)) as lite:
+        # a scratch file, written once and removed after: no journal, no waiting for the disk
+        lite.execute("PRAGMA journal_mode = OFF")
+        lite.execute("PRAGMA synchronous = OFF")
+        lite.execute(f"CREATE TABLE {sql.ident(name)} ({', '.join(f'{sql.ident(c)} {t}' for c, t in columns)})")
+        insert = f"INSERT INTO {sql.ident(name)} VALUES ({', '.join('?' * len(columns))})"
+        while rows := result.fetchmany(sql.FETCH_ROWS):
+            lite.executemany(insert, rows)
+        lite.commit()
+
+
+_SQLITE_TYPES = {"BIGINT": "INTEGER", "INTEGER": "INTEGER", "HUGEINT": "INTEGER", "DOUBLE": "REAL", "FLOAT": "REAL"}
+
+
+def _check(tables: list[Table], suites: dict[str, list[gxe.Expectation]], site_dir: Path,
+           root: Path) -> list[Outcome]:
     # GX logs its set-up at INFO, which would bury the stage's own log lines
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = _context(Path(root))
-    source = (context.data_sources.get(SOURCE) if SOURCE in context.data_sources.all()
-              else context.data_sources.add_pandas(SOURCE))
+    source = _source(context)
     outcomes: list[Outcome] = []
     pages = []  # what the Data Docs show: this run's suites and results
     for table in tables:
-        batch = _whole_dataframe(source, table.name)
+        batch = _whole_table(source, table.name)
         # add_or_update: the stored suite is this code's, whatever an earlier run stored
         suite = context.suites.add_or_update(
             gx.ExpectationSuite(name=table.name, expectations=suites[table.name], notes=table.notes))
         definition = context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=table.name, data=batch, suite=suite))
-        # one checkpoint per table: a checkpoint passes the same dataframe to all its validations
         checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
             name=table.name,
             validation_definitions=[definition],
             # SUMMARY: counts and the first few offending rows, named by `key`, never full lists
             result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [table.key]},
         ))
-        result = checkpoint.run(batch_parameters={"dataframe": table.frame})
+        result = checkpoint.run()
         for result_id, suite_result in result.run_results.items():
             outcomes += [_outcome(table, r) for r in suite_result.results]
             pages.append(result_id)
@@ -284,17 +331,28 @@ def _context(root: Path):
     return gx.get_context(mode="file", project_root_dir=root)
 
 
-def _whole_dataframe(source, name: str):
-    """The batch definition `name` of the dataframe asset `name`, added when missing.
+def _source(context):
+    """The SQLite data source, added when missing (or when a project made before it holds a
+    pandas one of the same name)."""
+    if SOURCE in context.data_sources.all():
+        source = context.data_sources.get(SOURCE)
+        if source.type == "sqlite":
+            return source
+        context.data_sources.delete(SOURCE)
+    return context.data_sources.add_sqlite(SOURCE, connection_string="${" + DATABASE + "}")
+
+
+def _whole_table(source, name: str):
+    """The batch definition `name` of the table asset `name`, added when missing.
 
     Adding one rewrites great_expectations.yml (with new ids), so the committed file holds
     them all, and a run only reads them.
     """
     asset = (source.get_asset(name) if name in source.get_asset_names()
-             else source.add_dataframe_asset(name))
+             else source.add_table_asset(name, table_name=name))
     if name in {b.name for b in asset.batch_definitions}:
         return asset.get_batch_definition(name)
-    return asset.add_batch_definition_whole_dataframe(name)
+    return asset.add_batch_definition_whole_table(name)
 
 
 def _outcome(table: Table, result) -> Outcome:
@@ -314,7 +372,8 @@ def _outcome(table: Table, result) -> Outcome:
         critical=bool(config.meta["critical"]),
         success=bool(result.success),
         element_count=int(found["element_count"]),
-        unexpected_count=int(found["unexpected_count"]),
+        # GX's SQL engine says None for a table with no rows (no near-duplicate group): none unexpected
+        unexpected_count=int(found["unexpected_count"] or 0),
         examples=tuple(f"{row[table.key]} ({row[column]})"
                        for row in found.get("partial_unexpected_index_list", [])[:EXAMPLES]),
     )

@@ -17,7 +17,8 @@ generated per key run, in O(candidates) memory.
 A group is a connected component of the "close" relation (single linkage): if A is close to B
 and B to C, all three are kept together, which is what keeps a split free of leakage. With each
 image's mirror hash as well (imgpipe/images/facts.py), an image is also close to another whose
-hash is close to its mirror hash: a copy flipped left to right joins the original's group.
+hash is close to its mirror hash: a copy flipped left to right joins the original's group. The
+components are found in SQL, out of core (imgpipe/data/validation.py, `_group`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import itertools
 import math
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 HASH_BITS = 64
 # at most this many masks (sorts): past it, fewer, shorter masks and more candidates are cheaper
@@ -95,26 +94,3 @@ def _pairs_within_runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     # for each p, the offsets 1..later[p]: a running count restarted at each p
     offsets = np.arange(len(first)) - np.repeat(np.cumsum(later) - later, later) + 1
     return first, first + offsets
-
-
-def groups(hashes: np.ndarray, k: int, mirrors: np.ndarray | None = None) -> np.ndarray:
-    """A group number per hash: equal numbers = connected by distances <= k. Numbers are the
-    index of the group's first member, so the result depends on the input order only.
-
-    `mirrors`: each image's hash mirrored left to right; image i is then also connected to
-    image j when mirrors[i] is within k of hashes[j].
-    """
-    n = len(hashes)
-    values = hashes if mirrors is None else np.concatenate([hashes, mirrors])
-    unique, inverse = np.unique(values, return_inverse=True)
-    inverse = inverse.ravel()
-    edges = close_pairs(unique, k)
-    if mirrors is not None:  # an image's hash and its mirror hash are one image
-        edges = np.concatenate([edges, np.stack([inverse[:n], inverse[n:]], axis=1)])
-    graph = coo_matrix((np.ones(len(edges), dtype=bool), (edges[:, 0], edges[:, 1])), shape=(len(unique),) * 2)
-    count, component = connected_components(graph, directed=False)
-    component = component[inverse[:n]]
-    # renumber each component by the position of its first member in the input
-    first_seen = np.full(count, n, dtype=np.int64)
-    np.minimum.at(first_seen, component, np.arange(n))
-    return first_seen[component]

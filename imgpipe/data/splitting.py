@@ -55,7 +55,6 @@ the memory the stage takes does not grow with the number of images; `assign`, `n
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -338,21 +337,6 @@ def check_split_table(con) -> None:
 
 # --- the same on pandas frames (tests, notebooks) ----------------------------------------------
 
-_frames_con = []  # one connection for the calls below (opening one costs ~15 ms; these run often in tests)
-
-
-@contextlib.contextmanager
-def _frames():
-    """A cursor of the shared connection: its own temporary tables, nothing left from an earlier call."""
-    if not _frames_con:
-        _frames_con.append(tables.connect())
-        _frames_con.append(_frames_con[0].__enter__())
-    cursor = _frames_con[1].cursor()
-    try:
-        yield cursor
-    finally:
-        cursor.close()
-
 def _state_frame(con):
     return con.execute("SELECT * FROM state ORDER BY id").df().set_index("id")
 
@@ -372,7 +356,7 @@ def _load_frames(con, frame, previous) -> list[str]:
 def assign(frame, p: Split, previous=None):
     """`frame` (the accepted list) with ADDED, given the `previous` state by id (None: none), as the
     stage computes it (assign_tables)."""
-    with _frames() as con:
+    with tables.frames() as con:
         columns = _load_frames(con, frame, previous)
         assign_tables(con, p, columns)
         out = con.execute(split_table_query(columns)).df()
@@ -383,7 +367,7 @@ def assign(frame, p: Split, previous=None):
 
 def next_state(previous, out):
     """The previous state (a frame by id, or None) plus the images `out` assigned, by id."""
-    with _frames() as con:
+    with tables.frames() as con:
         _load_frames(con, out, previous)
         con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM accepted")
         return con.execute(NEXT_STATE).df().astype({"arrival": "int64"}).set_index("id")
@@ -392,20 +376,20 @@ def next_state(previous, out):
 def read_state(path: str | Path):
     """The definition a state was made with and its `assigned` and `arrival` by id (a frame); None
     when there is no state."""
-    with _frames() as con:
+    with tables.frames() as con:
         made_with = load_state(con, path)
         return None if made_with is None else (made_with, _state_frame(con))
 
 
 def previous_assignment(path: str | Path, p: Split):
     """The state at `path` by id, if it was made with the split's current definition; else None."""
-    with _frames() as con:
+    with tables.frames() as con:
         return _state_frame(con) if previous_state(con, path, p) else None
 
 
 def check_splits(out) -> None:
     """check_split_table on a split table frame."""
-    with _frames() as con:
+    with tables.frames() as con:
         con.register("out_frame", out)
         con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM out_frame")
         check_split_table(con)
@@ -413,6 +397,6 @@ def check_splits(out) -> None:
 
 def write_state(path: str | Path, state, p: Split) -> None:
     """Write a state frame (by id) to `path`, as the stage does."""
-    with _frames() as con:
+    with tables.frames() as con:
         con.register("state_frame", state.rename_axis("id").reset_index()[STATE_COLUMNS])
         write_state_table(con, path, p, "SELECT * FROM state_frame ORDER BY id")

@@ -23,12 +23,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from imgpipe.core.atomic_write import atomic_path
 from imgpipe.core.errors import StageError
 from imgpipe.data.manifest import DTYPES
 
 # What DuckDB may hold before it spills to disk: the stage's memory stays under about this plus
 # the Python process (~100-200 MB), whatever the number of rows.
-MEMORY_LIMIT = "512MB"
+MEMORY_LIMIT = "384MB"
 # rows per batch fetched from a query's result
 FETCH_ROWS = 65_536
 _SQL_TYPES = {"Int64": "BIGINT", "float64": "DOUBLE"}
@@ -36,11 +37,14 @@ _SQL_TYPES = {"Int64": "BIGINT", "float64": "DOUBLE"}
 
 @contextlib.contextmanager
 def connect() -> Iterator:
-    """An in-memory DuckDB connection with the memory limit and its own spill folder (deleted after)."""
+    """A DuckDB connection with the memory limit, its database file and spill folder in a folder of
+    its own (deleted after). A file, not an in-memory database: the blocks of the stage's big
+    tables can then leave memory for the file, which left memory for the joins at 10M rows
+    (in memory, the tables' own blocks filled the limit and validate's joins ran out of it)."""
     import duckdb
 
     spill = tempfile.mkdtemp(prefix="imgpipe-duckdb-")
-    con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
+    con = duckdb.connect(str(Path(spill) / "tables.duckdb"), config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill})
     # DuckDB's own progress bar on a long query, in a terminal only (not in DVC's or Prefect's logs)
     con.execute(f"SET enable_progress_bar = {str(sys.stderr.isatty()).lower()}")
     try:
@@ -48,6 +52,23 @@ def connect() -> Iterator:
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
+
+
+_shared = []  # the connection frames() hands out cursors of (opening one costs ~15 ms)
+
+
+@contextlib.contextmanager
+def frames() -> Iterator:
+    """A cursor of one connection shared by the calls on pandas frames (tests, notebooks) that run
+    a stage's SQL: its own temporary tables, nothing left from an earlier call."""
+    if not _shared:
+        _shared.append(connect())
+        _shared.append(_shared[0].__enter__())
+    cursor = _shared[1].cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
 
 
 def quote(path: str | Path) -> str:
@@ -71,15 +92,26 @@ def read(con, path: str | Path, what: str, made_by: str, name: str, typed: bool 
         columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
     except duckdb.Error as exc:
         raise StageError(f"{path}: not a readable {what}: {exc}") from None
-    selected = ", ".join(
-        f"CAST({ident(c)} AS {_SQL_TYPES[DTYPES[c]]}) AS {ident(c)}" if typed and DTYPES.get(c) in _SQL_TYPES else ident(c)
-        for c in columns)
+    selected = typed_columns(columns) if typed else ", ".join(map(ident, columns))
     con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {selected} FROM {source}")
     return columns
 
 
+def typed_columns(columns: list[str]) -> str:
+    """A select list of text `columns`, those manifest.DTYPES types as numbers cast to them."""
+    return ", ".join(f"CAST({ident(c)} AS {_SQL_TYPES[DTYPES[c]]}) AS {ident(c)}" if DTYPES.get(c) in _SQL_TYPES
+                     else ident(c) for c in columns)
+
+
 def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def write_csv(con, query: str, path: str | Path) -> None:
+    """The rows of `query` as a CSV file at `path`, atomically: a header, fields quoted only when
+    they must be, a missing value as an empty field (the layout pandas writes)."""
+    with atomic_path(path) as tmp:
+        con.execute(f"COPY ({query}) TO {quote(tmp)} (HEADER, DELIMITER ',')")
 
 
 def batches(con, query: str, params=None) -> Iterator[list[tuple]]:

@@ -15,6 +15,7 @@ Everything is sorted with a tie-break on the image id: the same data gives the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,36 +35,74 @@ WORST = 6  # offenders shown per check
 GROUPS = 5  # near-duplicate groups shown
 GROUP_THUMBNAILS = 4  # images shown per group
 QUARANTINE_ROWS = 20
-# index.html: thumbnails are decoded again from the source, so their number is capped; the rows are not
+# index.html: thumbnails are decoded again from the source, so their number is capped
 PAGE_THUMBNAILS = 200  # quarantined files shown with a thumbnail
+PAGE_QUARANTINE = 5000  # quarantined files listed (all of them are in quarantine.csv)
 PAGE_GROUPS = 50  # near-duplicate groups shown (each with GROUP_THUMBNAILS images)
 THUMBNAIL_SIDE = 96
 # past this many classes the histogram's bars are too thin to name
 NAMED_BARS = 40
 
 
-def write(result, summary: dict, rules: Validate, source: Source | None, folder: Path,
+@dataclass(frozen=True)
+class Shown:
+    """What the pages show, selected from the validate stage's tables (select): a capped number
+    of rows, whatever the number of images."""
+
+    classes: pd.DataFrame  # one row per known class (validation.Verdict's)
+    quarantine: pd.DataFrame  # the first PAGE_QUARANTINE quarantined rows, manifest order: path, rule, reason, detail
+    worst: pd.DataFrame  # the first PAGE_GROUPS groups, the most suspicious first (WORST_FIRST)
+    crossing: pd.DataFrame  # the first PAGE_GROUPS groups crossing the source's splits, the same order
+    members: dict[str, pd.DataFrame]  # per group shown: its first GROUP_THUMBNAILS images by id
+    offenders: list[tuple[str, str, str, int, pd.DataFrame]]  # see _offender_checks
+
+
+# the groups, the most suspicious first: mixed labels, then leakage, then the largest
+WORST_FIRST = 'labels DESC, source_splits DESC, images DESC, "group"'
+
+
+def select(con, classes: pd.DataFrame, rules: Validate) -> Shown:
+    """The selections both pages show, made once, from validation.triage_tables' `decided`,
+    `grouped` and `groups`."""
+    worst = con.execute(f"SELECT * FROM groups ORDER BY {WORST_FIRST} LIMIT {PAGE_GROUPS}").df()
+    crossing = con.execute(f"SELECT * FROM groups WHERE source_splits > 1 ORDER BY {WORST_FIRST} "
+                           f"LIMIT {PAGE_GROUPS}").df()
+    shown = sorted(set(worst["group"]) | set(crossing["group"]))
+    con.execute("CREATE OR REPLACE TEMP TABLE shown_groups (grp VARCHAR)")
+    if shown:
+        con.executemany("INSERT INTO shown_groups VALUES (?)", [[g] for g in shown])
+    members = con.execute(f"""
+        SELECT grp, id, path, label, source_split FROM (
+          SELECT g.grp, d.id, d.path, d.label, d.source_split, row_number() OVER (PARTITION BY g.grp ORDER BY d.id) AS k
+          FROM grouped g JOIN decided d USING (ord) WHERE g.grp IN (SELECT grp FROM shown_groups))
+        WHERE k <= {GROUP_THUMBNAILS} ORDER BY grp, id""").df()
+    quarantine = con.execute(f"SELECT path, rule, reason, detail FROM decided WHERE rule IS NOT NULL ORDER BY ord "
+                             f"LIMIT {PAGE_QUARANTINE}").df()
+    return Shown(classes, quarantine, worst, crossing,
+                 {group: rows.drop(columns="grp") for group, rows in members.groupby("grp")},
+                 _offender_checks(con, rules))
+
+
+def write(shown: Shown, summary: dict, rules: Validate, source: Source | None, folder: Path,
           links: dict[str, str]) -> tuple[str, str]:
     """Write the histogram and thumbnails into `folder`; return (summary.md's markdown, index.html's HTML).
 
-    `result` is validate's Triage; `source` reads the images to show (None: no thumbnails); `links`:
-    the other outputs index.html links to, name -> path relative to it ("Data Docs" and
-    "quarantine.csv" are linked from their sections too).
+    `source` reads the images to show (None: no thumbnails); `links`: the other outputs
+    index.html links to, name -> path relative to it ("Data Docs" and "quarantine.csv" are
+    linked from their sections too).
     """
     thumbs = Thumbnails(source, Path(folder))
-    class_histogram(result.classes, rules.min_images_per_class, Path(folder) / HISTOGRAM)
-    # the selections both pages show, made once
-    offenders, worst = _offender_checks(result.accepted, rules), _worst_groups(result.groups)
+    class_histogram(shown.classes, rules.min_images_per_class, Path(folder) / HISTOGRAM)
     parts = [
         _headline(summary),
         _warnings(summary),
         _checks(summary),
-        _classes(result.classes, summary, rules),
-        _quarantined(result.quarantine, summary),
-        _near_duplicates(result.accepted, worst, summary, rules, thumbs),
-        _offenders(offenders, thumbs),
+        _classes(shown.classes, summary, rules),
+        _quarantined(shown.quarantine, summary),
+        _near_duplicates(shown, summary, rules, thumbs),
+        _offenders(shown.offenders, thumbs),
     ]
-    return "\n\n".join(parts) + "\n", _html(result, summary, rules, offenders, worst, thumbs, links)
+    return "\n\n".join(parts) + "\n", _html(shown, summary, rules, thumbs, links)
 
 
 # --- sections --------------------------------------------------------------------------------
@@ -139,58 +178,49 @@ def _quarantined(quarantine: pd.DataFrame, summary: dict) -> str:
     lines = ["## Quarantined", "", "| reason | files |", "|---|---|"]
     lines += [f"| {rule} | {n} |" for rule, n in summary["quarantine_reasons"].items() if n]
     shown = quarantine.head(QUARANTINE_ROWS)
-    lines += ["", f"The first {len(shown)} of {len(quarantine)}, in manifest order (all of them: `quarantine.csv`):",
+    lines += ["", f"The first {len(shown)} of {summary['quarantined']}, in manifest order (all of them: `quarantine.csv`):",
               "", "| file | reason |", "|---|---|"]
     lines += [f"| {_cell(path)} | {_cell(reason)} |" for path, reason in zip(shown["path"], shown["reason"])]
     return "\n".join(lines)
 
 
-def _near_duplicates(accepted: pd.DataFrame, worst: pd.DataFrame, summary: dict, rules: Validate,
-                     thumbs: Thumbnails) -> str:
-    """`worst`: the groups, _worst_groups' order."""
+def _near_duplicates(shown: Shown, summary: dict, rules: Validate, thumbs: Thumbnails) -> str:
     nd = summary["near_duplicates"]
     head = (f"## Near-duplicates\n\nPerceptual hashes within {rules.near_duplicate_distance} of 64 bits "
             f"(`validate.near_duplicate_distance`).")
-    if worst.empty:
+    if shown.worst.empty:
         return head + " None found."
     lines = [head + f" Groups: {nd['groups']}, holding {nd['images']} images (the largest: {nd['largest_group']}); "
              f"mixing labels: {nd['groups_mixing_labels']}; crossing the split the source came with: "
              f"{nd['groups_across_source_splits']}. The split stage keeps each group in one split.",
              "", "| group | images | labels | source splits | some of its images |", "|---|---|---|---|---|"]
-    for group in worst.head(GROUPS).itertuples(index=False):
-        members = _members(accepted, group.group)
+    for group in shown.worst.head(GROUPS).itertuples(index=False):
+        members = shown.members[group.group]
         pictures = " ".join(thumbs.markdown(m, f"{m.label}") for m in members.itertuples(index=False))
         lines.append(f"| {_cell(group.path)} | {group.images} | {group.labels} | {group.source_splits} | {pictures} |")
     return "\n".join(lines)
 
 
-def _worst_groups(groups: pd.DataFrame) -> pd.DataFrame:
-    """The groups, the most suspicious first: mixed labels, then leakage, then the largest."""
-    return groups.sort_values(["labels", "source_splits", "images", "group"], ascending=[False, False, False, True])
+# per warning threshold: title, column, lowest first, the bound in params.yaml, the rule in words
+_CHECKS = (
+    ("Blurriest", "sharpness", True, "min_sharpness", "variance of the Laplacian under {:g}"),
+    ("Darkest", "brightness", True, "min_brightness", "mean grey level under {:g}"),
+    ("Brightest", "brightness", False, "max_brightness", "mean grey level over {:g}"),
+    ("Flattest", "contrast", True, "min_contrast", "grey-level standard deviation under {:g}"),
+)
 
 
-def _members(accepted: pd.DataFrame, group: str) -> pd.DataFrame:
-    """The images of a group shown: the first GROUP_THUMBNAILS by id."""
-    return accepted[accepted["group"] == group].sort_values("id").head(GROUP_THUMBNAILS)
-
-
-def _offender_checks(accepted: pd.DataFrame, rules: Validate) -> list[tuple[str, str, str, int, pd.DataFrame]]:
-    """Per warning threshold: (title, column, the rule in words, images past it, the WORST of them)."""
-    checks = [
-        ("Blurriest", "sharpness", True, accepted["sharpness"] < rules.min_sharpness,
-         f"variance of the Laplacian under {rules.min_sharpness:g}"),
-        ("Darkest", "brightness", True, accepted["brightness"] < rules.min_brightness,
-         f"mean grey level under {rules.min_brightness:g}"),
-        ("Brightest", "brightness", False, accepted["brightness"] > rules.max_brightness,
-         f"mean grey level over {rules.max_brightness:g}"),
-        ("Flattest", "contrast", True, accepted["contrast"] < rules.min_contrast,
-         f"grey-level standard deviation under {rules.min_contrast:g}"),
-    ]
+def _offender_checks(con, rules: Validate) -> list[tuple[str, str, str, int, pd.DataFrame]]:
+    """Per warning threshold: (title, column, the rule in words, accepted images past it, the
+    WORST of them: id, path, label and the column)."""
     out = []
-    for title, column, lowest_first, mask, rule in checks:
-        hit = accepted[mask]
-        out.append((title, column, rule, len(hit),
-                    hit.sort_values([column, "id"], ascending=[lowest_first, True]).head(WORST)))
+    for title, column, lowest_first, name, rule in _CHECKS:
+        bound = float(getattr(rules, name))
+        where = f"rule IS NULL AND {column} {'<' if lowest_first else '>'} ?"
+        hits = con.execute(f"SELECT count(*) FROM decided WHERE {where}", [bound]).fetchone()[0]
+        worst = con.execute(f"SELECT id, path, label, {column} FROM decided WHERE {where} "
+                            f"ORDER BY {column} {'ASC' if lowest_first else 'DESC'}, id LIMIT {WORST}", [bound]).df()
+        out.append((title, column, rule.format(bound), hits, worst))
     return out
 
 
@@ -211,40 +241,40 @@ def _offenders(offenders: list, thumbs: Thumbnails) -> str:
 
 # --- index.html: the same facts, as HTML (templates/data_quality.html) -------------------------
 
-def _html(result, summary: dict, rules: Validate, offenders: list, worst: pd.DataFrame, thumbs: Thumbnails,
-          links: dict[str, str]) -> str:
+def _html(shown: Shown, summary: dict, rules: Validate, thumbs: Thumbnails, links: dict[str, str]) -> str:
     # the evaluation report's template environment (autoescaped, strict); imported here, since
     # evaluation.py imports this module for the page's name
     from imgpipe.reports.evaluation import TEMPLATES
 
-    quarantine = result.quarantine
-    # validation.decide writes each quarantined file's image id as detail "id=<id>"
+    quarantine = shown.quarantine
+    # validation.triage_tables writes each quarantined file's image id as detail "id=<id>"
     ids = quarantine["detail"].fillna("").str.removeprefix("id=")
     quarantined = [{"path": path, "rule": rule, "reason": reason,
                     "thumb": thumbs.file(image_id, path) if i < PAGE_THUMBNAILS else None}
                    for i, (path, rule, reason, image_id)
                    in enumerate(zip(quarantine["path"], quarantine["rule"], quarantine["reason"], ids))]
 
-    def shown(groups: pd.DataFrame) -> list[dict]:
+    def shown_groups(groups: pd.DataFrame) -> list[dict]:
         # records, not tuples: Python numbers, which the table macros right-align
         return [{**group, "members": [
             {"path": m.path, "label": m.label, "thumb": thumbs.file(m.id, m.path),
              "split": "" if pd.isna(m.source_split) else m.source_split}  # missing: the source gave none
-            for m in _members(result.accepted, group["group"]).itertuples(index=False)]}
-            for group in groups.head(PAGE_GROUPS).to_dict("records")]
+            for m in shown.members[group["group"]].itertuples(index=False)]}
+            for group in groups.to_dict("records")]
 
-    crossing = worst[worst["source_splits"] > 1]
     results = summary["expectations"]["results"]
     return TEMPLATES.get_template("data_quality.html").render(
         thumb=THUMBNAIL_SIDE, links=links, summary=summary, rules=rules, verdict=_verdict(summary), status=_status,
         skipped_why=SKIPPED_WHY, histogram=f"{FILES}/{HISTOGRAM}",
         critical=[r for r in results if r["critical"]], warning_checks=[r for r in results if not r["critical"]],
-        classes=result.classes.to_dict("records"), quarantined=quarantined, page_thumbnails=PAGE_THUMBNAILS,
-        groups=shown(worst), crossing=shown(crossing), crossing_total=len(crossing), page_groups=PAGE_GROUPS,
+        classes=shown.classes.to_dict("records"), quarantined=quarantined, page_thumbnails=PAGE_THUMBNAILS,
+        quarantined_total=summary["quarantined"],
+        groups=shown_groups(shown.worst), crossing=shown_groups(shown.crossing),
+        crossing_total=summary["near_duplicates"]["groups_across_source_splits"], page_groups=PAGE_GROUPS,
         offenders=[{"title": title, "column": column, "rule": rule, "hits": hits,
                     "rows": [{"path": r.path, "label": r.label, "value": getattr(r, column),
                               "thumb": thumbs.file(r.id, r.path)} for r in worst_rows.itertuples(index=False)]}
-                   for title, column, rule, hits, worst_rows in offenders],
+                   for title, column, rule, hits, worst_rows in shown.offenders],
     )
 
 

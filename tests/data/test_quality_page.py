@@ -161,6 +161,19 @@ def test_thumbnails_and_groups_are_capped_and_the_rest_counted(run, monkeypatch)
     assert 'id="near-duplicates"' not in text and 'id="crossing-splits"' not in text
 
 
+def test_the_quarantined_files_listed_are_capped_and_the_page_says_so(run, monkeypatch):
+    """Past PAGE_QUARANTINE files the page lists the first ones, in manifest order, and names
+    quarantine.csv for the rest: its size stays bounded at millions of images."""
+    dq, _ = run
+    monkeypatch.setattr(data_quality, "PAGE_QUARANTINE", 2)
+    monkeypatch.chdir(dq.parent)
+    validate_error(run_params(dq.parent, "dq-listed"))
+    text = page(dq.parent / "dq-listed")
+    assert [row[0] for row in table(text, "quarantined")[1:]] == ["train/daisy/tiny.png", "train/rose/broken.jpg"]
+    assert "<h2>Quarantined (3)</h2>" in text
+    assert "The first 2 of 3 quarantined files, in manifest order (also in" in text
+
+
 def test_every_quarantined_file_of_the_odd_corpus_is_listed_with_its_reason(corpus):  # noqa: F811
     """test_ingest.py's corpus (odd names, broken and hidden files): the page lists what quarantine.csv holds, escaped."""
     dq = corpus[3]

@@ -107,6 +107,14 @@ def test_first_rule_that_applies_wins(tmp_path):
     assert list(result.quarantine["rule"]) == ["unreadable"]
 
 
+def test_hashes_that_are_not_hashes_are_named_all_at_once(tmp_path):
+    rows = [*good("cat", 3, 0), row(7, path="cat/bad.png", phash="xyz"), row(8, path="cat/odd.png", phash_mirror="0" * 17)]
+    with pytest.raises(StageError) as error:
+        triage(tmp_path, rows)
+    assert str(error.value) == ("2 manifest field(s) not a 64-bit hash in 16 hex digits (cat/bad.png: phash 'xyz'; "
+                                "cat/odd.png: phash_mirror '00000000000000000'); re-run the ingest stage")
+
+
 def test_bounds_come_from_params(tmp_path):
     rows = [row(0, width="20"), row(1, channels="3"), row(2)]
     result = triage(tmp_path, rows, min_width=24, allowed_channels=[1])

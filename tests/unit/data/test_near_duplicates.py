@@ -1,4 +1,5 @@
-"""Near-duplicate groups by perceptual-hash distance: exact against brute force, and fast."""
+"""Near-duplicate groups by perceptual-hash distance: exact against brute force, and fast. The
+close pairs are found here (near_duplicates.close_pairs), the groups in SQL (validation.triage)."""
 
 import itertools
 import re
@@ -7,7 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.data import near_duplicates
+from imgpipe.core.params import params_from_dict
+from imgpipe.data import near_duplicates, validation
+from imgpipe.data.manifest import COLUMNS
+
+
+def groups(hashes: np.ndarray, k: int, mirrors: np.ndarray | None = None) -> np.ndarray:
+    """Each hash's group as validation.triage names it, as the position of the group's first
+    member: the ids are in position order, so a group's smallest id is its first member's."""
+    n = len(hashes)
+    as_hex = [f"{int(v):016x}" for v in hashes]
+    frame = pd.DataFrame({
+        "id": [f"{i:040x}" for i in range(n)], "label": "a", "path": [f"a/{i}.png" for i in range(n)],
+        "source_split": None, "format": "png", "width": 28, "height": 28, "channels": 1, "bit_depth": 8,
+        "bytes": 300, "error": None, "sharpness": 500.0, "brightness": 100.0, "contrast": 50.0, "phash": as_hex,
+        "phash_mirror": as_hex if mirrors is None else [f"{int(v):016x}" for v in mirrors],
+    })[COLUMNS].astype({c: "Int64" for c in ("width", "height", "channels", "bit_depth", "bytes")})
+    rules = params_from_dict({"validate": {"near_duplicate_distance": k, "min_images_per_class": 1}}).validate
+    result = validation.triage(frame, rules)
+    assert len(result.accepted) == n
+    return np.array([int(g, 16) for g in result.accepted["group"]])
 
 
 def hashes_with_near_copies(n: int, copies: int, max_flips: int, seed: int = 0) -> np.ndarray:
@@ -47,16 +67,16 @@ def test_groups_chain_and_are_numbered_by_first_member():
     a = 0x0123456789ABCDEF
     hashes = np.array([a ^ 0b1111, 0xFEDCBA9876543210, a ^ 0b11, a, a, 0xFFFF0000FFFF0000], dtype=np.uint64)
     # 0 ~ 2 (2 bits), 2 ~ 3 (2 bits), 3 = 4: one group although 0 and 3 are 4 bits apart
-    assert near_duplicates.groups(hashes, 2).tolist() == [0, 1, 0, 0, 0, 5]
-    assert near_duplicates.groups(hashes, 0).tolist() == [0, 1, 2, 3, 3, 5]
+    assert groups(hashes, 2).tolist() == [0, 1, 0, 0, 0, 5]
+    assert groups(hashes, 0).tolist() == [0, 1, 2, 3, 3, 5]
 
 
 def test_hundred_thousand_hashes_each_copy_finds_its_original():
     # how the time grows with n is measured by bench/validate_bench.py (near-duplicate search)
     hashes = hashes_with_near_copies(90_000, 10_000, 4)
-    groups = near_duplicates.groups(hashes, 4)
-    assert len(np.unique(groups)) == 90_000  # brute force would compare 5 * 10^9 pairs
-    assert (groups[90_000:] < 90_000).all()  # every copy is in the group of an original
+    found = groups(hashes, 4)
+    assert len(np.unique(found)) == 90_000  # brute force would compare 5 * 10^9 pairs
+    assert (found[90_000:] < 90_000).all()  # every copy is in the group of an original
 
 
 def test_parse_reads_the_manifest_column():
@@ -97,8 +117,17 @@ def test_mirror_hashes_join_groups_as_brute_force_says():
         if any(close(a, b) for a in (hashes[i], mirrors[i]) for b in (hashes[j], mirrors[j])):
             parent[max(root(i), root(j))] = min(root(i), root(j))
     expected = [min(x for x in range(n) if root(x) == root(i)) for i in range(n)]
-    found = near_duplicates.groups(hashes, k, mirrors=mirrors).tolist()
+    found = groups(hashes, k, mirrors=mirrors).tolist()
     assert found == expected
     assert sum(g != i for i, g in enumerate(found)) >= 40  # every flipped copy found its original
     # without the mirror hashes the flipped copies stay alone
-    assert near_duplicates.groups(hashes, k).tolist() == list(range(n))
+    assert groups(hashes, k).tolist() == list(range(n))
+
+
+def test_a_long_chain_is_one_group_whatever_the_order():
+    # hash i differs from hash i + 1 in one bit, from hash j in |i - j| bits: one group at k = 1,
+    # found in several rounds of passing the smallest value along (one round would split it)
+    chain = np.array([0x0123456789ABCDEF ^ ((1 << i) - 1) for i in range(61)], dtype=np.uint64)
+    order = np.random.default_rng(3).permutation(len(chain))
+    assert groups(chain[order], 1).tolist() == [0] * len(chain)
+    assert len(set(groups(chain[order], 0).tolist())) == len(chain)
