@@ -28,7 +28,7 @@ def run(p: Split, paths: Paths) -> None:
         columns = tables.read(con, paths.accepted, "accepted list", "validate", "accepted_text", typed=False)
         # ord: each row's place in the file (a table's rowid: DuckDB keeps the insertion order), so
         # that the split table keeps the accepted list's order
-        tables.guarded(lambda: con.execute("CREATE TEMP TABLE accepted_rows AS SELECT * FROM accepted_text"),
+        tables.guarded(lambda: con.execute("CREATE TABLE accepted_rows AS SELECT * FROM accepted_text"),
                        f"{paths.accepted}: not a readable accepted list")
         con.execute("CREATE TEMP VIEW accepted AS SELECT *, rowid AS ord FROM accepted_rows")
         if not con.execute("SELECT count(*) FROM accepted").fetchone()[0]:

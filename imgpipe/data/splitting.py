@@ -103,7 +103,7 @@ def definition(p: Split) -> dict:
 def load_state(con, path: str | Path) -> dict | None:
     """The temp table `state` (id, assigned, arrival) from the state at `path`, checked; the
     definition it was made with. None, and an empty `state`, when there is no state."""
-    con.execute("CREATE OR REPLACE TEMP TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
+    con.execute("CREATE OR REPLACE TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
     path = Path(path)
     if not path.exists():
         return None
@@ -128,10 +128,10 @@ def load_state(con, path: str | Path) -> dict | None:
                              f"{','.join(map(str, columns))}; {RESET}")
         # a table's rowid is its rows' place in the file (DuckDB keeps the insertion order): a
         # window over the whole table would hold it in memory at once
-        con.execute(f"CREATE OR REPLACE TEMP TABLE state_file AS SELECT * FROM {source}")
-        con.execute("CREATE OR REPLACE TEMP TABLE state_rows AS SELECT *, rowid + 1 AS line FROM state_file")
+        con.execute(f"CREATE OR REPLACE TABLE state_file AS SELECT * FROM {source}")
+        con.execute("CREATE OR REPLACE TABLE state_rows AS SELECT *, rowid + 1 AS line FROM state_file")
         if columns == STATE_COLUMNS[:2]:  # made before arrivals were kept: each split numbered in id order
-            con.execute("""CREATE OR REPLACE TEMP TABLE state_rows AS SELECT id, assigned, CAST(row_number() OVER (
+            con.execute("""CREATE OR REPLACE TABLE state_rows AS SELECT id, assigned, CAST(row_number() OVER (
                            PARTITION BY assigned ORDER BY id, line) - 1 AS VARCHAR) AS arrival, line FROM state_rows""")
     except duckdb.Error as exc:
         raise StageError(f"{path}: not a readable split state: {exc}; {RESET}") from None
@@ -265,14 +265,14 @@ def assign_tables(con, p: Split, columns: list[str]) -> None:
     extra = ", a.source_split" if "source_split" in columns else ""
     # grp: the image's near-duplicate group; gb: the group's bucket, which decides a new group's split
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE base AS
+        CREATE OR REPLACE TABLE base AS
         WITH a AS (SELECT *, {group} AS grp, {_bucket_sql(group)} AS gb FROM accepted)
         SELECT a.ord, a.id, a.label{extra}, {_bucket_sql('a.id')} AS bucket, s.assigned AS prior,
                s.arrival AS known_arrival, {key} AS key, {wanted} AS wanted
         FROM a LEFT JOIN state s ON s.id = a.id""")
     # a new image takes the assignment of the assigned images sharing its key, "" if they disagree
     con.execute("""
-        CREATE OR REPLACE TEMP TABLE inherited AS
+        CREATE OR REPLACE TABLE inherited AS
         SELECT b.*, CASE WHEN prior IS NOT NULL THEN prior WHEN k.kinds > 1 THEN '' WHEN k.kinds = 1 THEN k.agreed
                          ELSE wanted END AS assigned
         FROM base b LEFT JOIN (SELECT key, count(DISTINCT prior) AS kinds, min(prior) AS agreed FROM base
@@ -280,12 +280,12 @@ def assign_tables(con, p: Split, columns: list[str]) -> None:
     # each assigned image's arrival: the state's, or for a new image the next free numbers of its
     # split, in id order; NULL where `assigned` is empty
     con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE arrivals AS
+        CREATE OR REPLACE TABLE arrivals AS
         SELECT ord, coalesce(t.top, -1) + row_number() OVER (PARTITION BY i.assigned ORDER BY i.id, i.ord) AS arrival
         FROM (SELECT ord, id, assigned FROM inherited WHERE known_arrival IS NULL AND assigned IN {_list(SPLITS)}) i
              LEFT JOIN (SELECT assigned, max(arrival) AS top FROM state GROUP BY assigned) t USING (assigned)""")
     con.execute("""
-        CREATE OR REPLACE TEMP TABLE out AS
+        CREATE OR REPLACE TABLE out AS
         SELECT i.* EXCLUDE (prior, known_arrival, wanted), coalesce(i.known_arrival, n.arrival) AS arrival,
                assigned AS split, '' AS reason
         FROM inherited i LEFT JOIN arrivals n USING (ord)""")
@@ -345,7 +345,7 @@ def _load_frames(con, frame, previous) -> list[str]:
     columns = [str(c) for c in frame.columns]
     con.register("accepted_frame", frame.reset_index(drop=True).assign(ord=range(len(frame))))
     con.execute("CREATE OR REPLACE TEMP VIEW accepted AS SELECT * FROM accepted_frame")
-    con.execute("CREATE OR REPLACE TEMP TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
+    con.execute("CREATE OR REPLACE TABLE state (id VARCHAR, assigned VARCHAR, arrival BIGINT)")
     if previous is not None and len(previous):
         rows = previous.rename_axis("id").reset_index()[STATE_COLUMNS]
         con.register("previous_frame", rows)
@@ -369,7 +369,7 @@ def next_state(previous, out):
     """The previous state (a frame by id, or None) plus the images `out` assigned, by id."""
     with tables.frames() as con:
         _load_frames(con, out, previous)
-        con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM accepted")
+        con.execute("CREATE OR REPLACE TABLE out AS SELECT * FROM accepted")
         return con.execute(NEXT_STATE).df().astype({"arrival": "int64"}).set_index("id")
 
 
@@ -391,7 +391,7 @@ def check_splits(out) -> None:
     """check_split_table on a split table frame."""
     with tables.frames() as con:
         con.register("out_frame", out)
-        con.execute("CREATE OR REPLACE TEMP TABLE out AS SELECT * FROM out_frame")
+        con.execute("CREATE OR REPLACE TABLE out AS SELECT * FROM out_frame")
         check_split_table(con)
 
 

@@ -28,7 +28,7 @@ from imgpipe.core.errors import StageError
 from imgpipe.data.manifest import DTYPES
 
 # What DuckDB may hold before it spills to disk: the stage's memory stays under about this plus
-# the Python process (~100-200 MB), whatever the number of rows.
+# the Python process (~100-400 MB with its imports), whatever the number of rows (bench/RESULTS.md).
 MEMORY_LIMIT = "384MB"
 # rows per batch fetched from a query's result
 FETCH_ROWS = 65_536
@@ -38,9 +38,10 @@ _SQL_TYPES = {"Int64": "BIGINT", "float64": "DOUBLE"}
 @contextlib.contextmanager
 def connect() -> Iterator:
     """A DuckDB connection with the memory limit, its database file and spill folder in a folder of
-    its own (deleted after). A file, not an in-memory database: the blocks of the stage's big
-    tables can then leave memory for the file, which left memory for the joins at 10M rows
-    (in memory, the tables' own blocks filled the limit and validate's joins ran out of it)."""
+    its own (deleted after). A file, not an in-memory database, and the stages' big tables plain
+    tables in it, not TEMP ones: their blocks can then leave memory for the file, which leaves
+    the memory to the joins and sorts (at 10M rows, TEMP tables filled the limit by themselves
+    and the stages' joins ran out of memory)."""
     import duckdb
 
     spill = tempfile.mkdtemp(prefix="imgpipe-duckdb-")
