@@ -14,8 +14,8 @@ repro` runs it, with its peak resident memory (ru_maxrss of the child, from `/us
   `Layout.members`, what the stage does on a full run besides decoding and writing).
 
 Without validate in `--stages`, the accepted list is made from the manifest in chunks
-(`accepted_table`); without split, the split table (`split_table`): so that 10M rows can be
-measured without the stages that still hold a whole table.
+(`accepted_table`); without split, the split table (`split_table`): so that one stage can be
+measured without running the ones before it.
 
 Usage: .venv/bin/python bench/table_memory_bench.py --rows 100000 1000000
 """
@@ -79,8 +79,7 @@ def manifest(rows: int, path: Path) -> None:
 
 
 def split_table(manifest_path: Path, path: Path) -> None:
-    """A split table for a manifest without running validate and split (which hold it all in
-    memory at these sizes): each image in its own group, assigned by its bucket as split.method
+    """A split table for a manifest without running validate and split: each image in its own group, assigned by its bucket as split.method
     hash does with the default buckets, numbered in arrival order per split; written in chunks."""
     taken = {"train": 0, "val": 0, "test": 0}
     with path.open("w", encoding="utf-8", newline="") as fh:

@@ -85,6 +85,8 @@ FLOWERS = {
     # no phase 2: no flip either (it was phase 2's only; train refuses an augmentation never used)
     "flowers-ablate-no-finetune": {**RECIPE, "fine_tune_epochs": 0, "augment_flip": "none"},
     "flowers-ablate-dropout05": {**RECIPE, "dropout": 0.5},  # = flowers-x-lr1e3
+    # the recipe was under-fitted at its last epoch: longer fine-tuning
+    "flowers-x-ft30": {**RECIPE, "fine_tune_epochs": 30},
 }
 SETUPS.update({name: ("flowers128", settings) for name, settings in FLOWERS.items()})
 
