@@ -61,7 +61,8 @@ _shared = []  # the connection frames() hands out cursors of (opening one costs 
 @contextlib.contextmanager
 def frames() -> Iterator:
     """A cursor of one connection shared by the calls on pandas frames (tests, notebooks) that run
-    a stage's SQL: its own temporary tables, nothing left from an earlier call."""
+    a stage's SQL: its own TEMP views; the stages' plain tables are shared by the cursors, and
+    each call replaces the ones it makes (so two such calls must not overlap)."""
     if not _shared:
         _shared.append(connect())
         _shared.append(_shared[0].__enter__())

@@ -51,7 +51,7 @@ class Shown:
 
     classes: pd.DataFrame  # one row per known class (validation.Verdict's)
     quarantine: pd.DataFrame  # the first PAGE_QUARANTINE quarantined rows, manifest order: path, rule, reason, detail
-    worst: pd.DataFrame  # the first PAGE_GROUPS groups, the most suspicious first (WORST_FIRST)
+    worst: pd.DataFrame  # the first PAGE_GROUPS (or GROUPS) groups, the most suspicious first (WORST_FIRST)
     crossing: pd.DataFrame  # the first PAGE_GROUPS groups crossing the source's splits, the same order
     members: dict[str, pd.DataFrame]  # per group shown: its first GROUP_THUMBNAILS images by id
     offenders: list[tuple[str, str, str, int, pd.DataFrame]]  # see _offender_checks
@@ -64,7 +64,7 @@ WORST_FIRST = 'labels DESC, source_splits DESC, images DESC, "group"'
 def select(con, classes: pd.DataFrame, rules: Validate) -> Shown:
     """The selections both pages show, made once, from validation.triage_tables' `decided`,
     `grouped` and `groups`."""
-    worst = con.execute(f"SELECT * FROM groups ORDER BY {WORST_FIRST} LIMIT {PAGE_GROUPS}").df()
+    worst = con.execute(f"SELECT * FROM groups ORDER BY {WORST_FIRST} LIMIT {max(PAGE_GROUPS, GROUPS)}").df()
     crossing = con.execute(f"SELECT * FROM groups WHERE source_splits > 1 ORDER BY {WORST_FIRST} "
                            f"LIMIT {PAGE_GROUPS}").df()
     shown = sorted(set(worst["group"]) | set(crossing["group"]))
@@ -188,7 +188,7 @@ def _near_duplicates(shown: Shown, summary: dict, rules: Validate, thumbs: Thumb
     nd = summary["near_duplicates"]
     head = (f"## Near-duplicates\n\nPerceptual hashes within {rules.near_duplicate_distance} of 64 bits "
             f"(`validate.near_duplicate_distance`).")
-    if shown.worst.empty:
+    if not nd["groups"]:
         return head + " None found."
     lines = [head + f" Groups: {nd['groups']}, holding {nd['images']} images (the largest: {nd['largest_group']}); "
              f"mixing labels: {nd['groups_mixing_labels']}; crossing the split the source came with: "
@@ -269,7 +269,7 @@ def _html(shown: Shown, summary: dict, rules: Validate, thumbs: Thumbnails, link
         critical=[r for r in results if r["critical"]], warning_checks=[r for r in results if not r["critical"]],
         classes=shown.classes.to_dict("records"), quarantined=quarantined, page_thumbnails=PAGE_THUMBNAILS,
         quarantined_total=summary["quarantined"],
-        groups=shown_groups(shown.worst), crossing=shown_groups(shown.crossing),
+        groups=shown_groups(shown.worst.head(PAGE_GROUPS)), crossing=shown_groups(shown.crossing),
         crossing_total=summary["near_duplicates"]["groups_across_source_splits"], page_groups=PAGE_GROUPS,
         offenders=[{"title": title, "column": column, "rule": rule, "hits": hits,
                     "rows": [{"path": r.path, "label": r.label, "value": getattr(r, column),
