@@ -113,8 +113,8 @@ def publish_data_quality(repo: str) -> UUID | None:
 
 
 def data_quality_description(summary: Path, full_page: Path) -> str:
-    """Where the markdown shown comes from, and the full page (every quarantined file, every group)
-    to open in a browser from the machine that ran the flow."""
+    """Where the markdown shown comes from, and the full page (the quarantined files, the most
+    suspicious groups) to open in a browser from the machine that ran the flow."""
     return f"validate: data-quality summary, from {summary}; the full page: {full_page}"
 
 

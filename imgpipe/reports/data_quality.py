@@ -1,9 +1,10 @@
 """summary.md and index.html: the pages a reviewer reads before trusting the data, with their pictures.
 
 index.html is the full page, in the style of the evaluation report (templates/data_quality.html):
-every quarantined file with its reason, the near-duplicate groups, the expectation results; the
-markdown is the short version, for a code forge and the Prefect artifact. Both are rendered from the
-same selections below (the groups shown, their members, the offenders), so they never disagree.
+the quarantined files with their reasons (the first PAGE_QUARANTINE), the most suspicious
+near-duplicate groups, the expectation results; the markdown is the short version, for a code
+forge and the Prefect artifact. Both are rendered from the same selections (`select`, SQL on the
+validate stage's tables: a capped number of rows at any number of images), so they never disagree.
 
 It links, by relative paths, to the files beside it in `summary_files/`: the class histogram
 (`classes.png`) and small thumbnails of the worst offenders (`<image id>.jpg`), so the page
