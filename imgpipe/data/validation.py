@@ -196,29 +196,31 @@ def _group(con, max_distance: int) -> None:
     # and then on to that value's own (a long chain takes a few rounds, not one per link). New
     # tables, not UPDATEs: DuckDB runs a join into a table out of core, an UPDATE's join in memory.
     con.execute("CREATE OR REPLACE TABLE comp AS SELECT a AS node, least(a, min(b)) AS c FROM edges GROUP BY a")
-    # these tables' row order does not matter (every row carries its node or ord): DuckDB then
-    # needs no buffer to keep it, which is what made the joins below run out of memory at 10M rows
+    # these tables' row order does not matter (every row carries its node or ord), so DuckDB
+    # need not keep it; reset even on an error, for the connection's later tables
     con.execute("SET preserve_insertion_order = false")
-    while True:
+    try:
+        while True:
+            con.execute("""
+                CREATE OR REPLACE TABLE step AS
+                SELECT n.node, least(n.c, nb.c) AS c FROM comp n JOIN (
+                  SELECT e.a AS node, min(n.c) AS c FROM edges e JOIN comp n ON n.node = e.b GROUP BY e.a) nb USING (node)""")
+            con.execute("""
+                CREATE OR REPLACE TABLE jumped AS
+                SELECT x.node, least(x.c, y.c) AS c FROM step x JOIN step y ON y.node = x.c""")
+            changed = con.execute("SELECT count(*) FROM jumped j JOIN comp n USING (node) WHERE j.c <> n.c").fetchall()[0][0]
+            con.execute("DROP TABLE comp")
+            con.execute("ALTER TABLE jumped RENAME TO comp")
+            if not changed:
+                break
         con.execute("""
-            CREATE OR REPLACE TABLE step AS
-            SELECT n.node, least(n.c, nb.c) AS c FROM comp n JOIN (
-              SELECT e.a AS node, min(n.c) AS c FROM edges e JOIN comp n ON n.node = e.b GROUP BY e.a) nb USING (node)""")
-        con.execute("""
-            CREATE OR REPLACE TABLE jumped AS
-            SELECT x.node, least(x.c, y.c) AS c FROM step x JOIN step y ON y.node = x.c""")
-        changed = con.execute("SELECT count(*) FROM jumped j JOIN comp n USING (node) WHERE j.c <> n.c").fetchall()[0][0]
-        con.execute("DROP TABLE comp")
-        con.execute("ALTER TABLE jumped RENAME TO comp")
-        if not changed:
-            break
-    con.execute("""
-        CREATE OR REPLACE TABLE grouped AS
-        WITH member AS (SELECT h.ord, h.id, coalesce(n.c, h.h) AS component
-                        FROM hashes h LEFT JOIN comp n ON n.node = h.h),
-             named AS (SELECT component, min(id) AS grp, count(*) AS n FROM member GROUP BY component)
-        SELECT m.ord, named.grp, named.n FROM member m JOIN named USING (component)""")
-    con.execute("RESET preserve_insertion_order")
+            CREATE OR REPLACE TABLE grouped AS
+            WITH member AS (SELECT h.ord, h.id, coalesce(n.c, h.h) AS component
+                            FROM hashes h LEFT JOIN comp n ON n.node = h.h),
+                 named AS (SELECT component, min(id) AS grp, count(*) AS n FROM member GROUP BY component)
+            SELECT m.ord, named.grp, named.n FROM member m JOIN named USING (component)""")
+    finally:
+        con.execute("RESET preserve_insertion_order")
     for name in ("hashes", "edges", "comp", "step"):
         con.execute(f"DROP TABLE {name}")
 
