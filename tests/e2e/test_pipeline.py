@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pandas as pd
 import pytest
 import yaml
@@ -238,6 +239,28 @@ def test_new_raw_images_never_move_an_assigned_image(repo, env):
     (clone / paths.split_state).unlink()
     assert ran_stages(dvc(clone, env, "repro", "split").stdout) == ["split"]
     assert (clone / paths.split_state).is_file()
+
+
+def test_an_image_changed_in_place_reaches_every_stage_that_reads_it(repo, env):
+    """Only ingest lists the raw folder as a DVC dependency; validate and preprocess, which also
+    read images from it, see a file's new bytes through the manifest (`id` is their sha1)."""
+    clone, _ = repo
+    paths = Paths()
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert [s for s, v in lock.items() if any(d["path"] == "data/raw/flowers-small" for d in v["deps"])] == ["ingest"]
+    dvc(clone, env, "repro", "preprocess")
+    table = pd.read_csv(clone / paths.split, dtype=str, keep_default_na=False)
+    used = table[table["split"] == "train"].iloc[0]
+    target = clone / "data" / "raw" / "flowers-small" / used["path"]
+    image = cv2.imread(str(target))
+    cv2.imwrite(str(target), cv2.flip(image, 0), [cv2.IMWRITE_JPEG_QUALITY, 90])  # upside down: new bytes, same path
+    dvc(clone, env, "add", "-q", "data/raw/flowers-small")
+    assert ran_stages(dvc(clone, env, "repro", "preprocess").stdout) == ["ingest", "validate", "split", "preprocess"]
+    now = pd.read_csv(clone / paths.split, dtype=str, keep_default_na=False).set_index("path")
+    assert now.loc[used["path"], "id"] != used["id"] and used["id"] not in set(now["id"])
+    stored = {i for s in ("train", "val", "test") for i in shards.ids_and_labels(clone / paths.shards, s)[0].tolist()}
+    assert used["id"].encode() not in stored
+    assert (now.loc[used["path"], "id"].encode() in stored) == (now.loc[used["path"], "split"] != "unused")
 
 
 def test_same_inputs_and_params_give_the_same_bytes(repo, env, tmp_path):
