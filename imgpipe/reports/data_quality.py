@@ -16,6 +16,8 @@ Everything is sorted with a tie-break on the image id: the same data gives the s
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +149,7 @@ def _warnings(summary: dict) -> str:
     """What may be wrong with the data set as a whole, in words: look-alike class names."""
     lines = []
     for group in summary["classes_named_alike"].values():
-        names = ", ".join(f"`{_cell(label)}` ({count})" for label, count in group.items())
+        names = ", ".join(f"{_code(label)} ({count})" for label, count in group.items())
         lines.append(f"- Classes named alike, the same but for letter case or surrounding spaces: {names} "
                      f"accepted images. Most likely one class: rename the folders or the labels to one name.")
     return "## Warnings\n\n" + ("\n".join(lines) if lines else "None.")
@@ -332,9 +334,16 @@ class Thumbnails:
 
 
 def _cell(text) -> str:
-    """Text that cannot break a markdown table row."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Text (a file name, a label) that shows as it is in a markdown table row: it can neither end
+    the cell nor become a link, a picture, HTML, code or emphasis."""
+    return re.sub(r"([\\`*\[\]<>|])", r"\\\1", str(text)).replace("\n", " ")
+
+
+def _code(text) -> str:
+    """Text as a code span (where a backslash is shown, not an escape): only the row's separators
+    and backticks taken out."""
+    return "`" + str(text).replace("`", "'").replace("|", "\\|").replace("\n", " ") + "`"
 
 
 def _alt(text) -> str:
-    return _cell(text).replace("[", "(").replace("]", ")")
+    return str(text).replace("[", "(").replace("]", ")").replace("\\", "/").replace("|", "/").replace("\n", " ")
