@@ -14,6 +14,8 @@ import sys
 import time
 from types import ModuleType
 
+import psutil
+
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Params, ParamsError, load_params
 
@@ -40,8 +42,6 @@ def stage_main(stage: ModuleType, argv: list[str] | None = None) -> int:
         return 1
     # the stage's own work, then the whole process: start-up and imports too (seconds for Great
     # Expectations or TensorFlow), so that a caller's wall time less it is the caller's (DVC's) own
-    import psutil
-
     process = time.time() - psutil.Process().create_time()
     logging.getLogger(name).info("done in %.2f s (process %.2f s)", time.perf_counter() - started, process)
     return 0

@@ -146,7 +146,7 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
             facts = image_facts.FactsBatch()
             values = [describe_pixels(source.read_idx_pixels(r.path), facts) for r in batch]
             facts.finish()
-            return _csv(map(manifest_row, batch, values)), len(batch), [], 0
+            return _csv(map(manifest_row, batch, values)), len(batch), [], 0, []
 
         return write_lines(map(idx_lines, batches), out)
     work = functools.partial(describe_files, root=str(source.root), max_pixels=max_pixels)
@@ -169,8 +169,10 @@ def ingest(source: Source, out: TextIO, max_pixels: int, workers: int,
 
 
 # what a batch of files gives: its manifest rows as CSV text, their number, the facts-cache
-# entries of the files read (key, encoded row) and the number of files found in the cache
-Described = tuple[str, int, list[tuple[str, str]], int]
+# entries of the files read (key, encoded row), the number of files found in the cache, and the
+# decoders' messages that are not damage, each with its file's name (logged by the stage's own
+# process, whose log the user reads: a Dask worker's or a pool worker's log is not it)
+Described = tuple[str, int, list[tuple[str, str]], int, list[str]]
 
 # this process's read-only view of the facts cache (None: no cache); each worker opens its own
 _reader: facts_cache.Reader | None = None
@@ -225,18 +227,19 @@ def describe_files(records: list[Record], root: str, max_pixels: int,
     facts = image_facts.FactsBatch()  # the files' facts are completed together, once all are read
     # what a decoder prints (libjpeg's "Corrupt JPEG data: ...") is tied to the file: a JPEG's
     # damage becomes its error, other messages are logged with the file's name
+    notes = []
     with formats.DecoderMessages() as messages:
         values = []
         for r, v in zip(records, cached):
             values.append(file_values(r, root, max_pixels, facts) if v is None else v)
             if messages.notes:
-                log.warning("%s: the decoder says: %s", r.path, "; ".join(messages.notes))
+                notes.append(f"{r.path}: the decoder says: {'; '.join(messages.notes)}")
                 messages.notes.clear()
     facts.finish()
     # read and described (an id): the same bytes give the same row
     fresh = [(key, facts_cache.encode(v)) for key, v, c in zip(keys, values, cached)
              if c is None and key is not None and v[0] is not None]
-    return _csv(map(manifest_row, records, values)), len(records), fresh, len(records) - cached.count(None)
+    return _csv(map(manifest_row, records, values)), len(records), fresh, len(records) - cached.count(None), notes
 
 
 def _look_up(records: list[Record], root: str, max_pixels: int) -> tuple[list, list]:
@@ -285,7 +288,9 @@ def write_lines(batches: Iterable[Described], out: TextIO, cache: facts_cache.Fa
     """Write each batch's CSV text to `out` and its new entries to the cache; returns the rows written."""
     count = 0
     with tqdm(desc="ingest", unit="img", mininterval=2, disable=None) as progress:
-        for text, rows, fresh, hits in batches:
+        for text, rows, fresh, hits, notes in batches:
+            for note in notes:
+                log.warning("%s", note)
             out.write(text)
             count += rows
             progress.update(rows)

@@ -17,7 +17,6 @@ Everything is sorted with a tie-break on the image id: the same data gives the s
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 from pathlib import Path
 

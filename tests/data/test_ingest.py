@@ -564,9 +564,12 @@ def test_class_names_alike_in_folders_and_in_a_labels_csv_are_named(tmp_path, cs
     assert found == [({"cats": {"Cats": 1, "cats": 2}}, 2), ({"cat": {"Cat": 1, "cat": 2}}, 2)]
 
 
-def test_a_decoder_message_that_is_not_damage_is_logged_with_the_file_name(tmp_path, caplog):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_decoder_message_that_is_not_damage_is_logged_with_the_file_name(tmp_path, caplog, workers):
     """libpng warns of a comment chunk with a bad checksum and drops it: the pixels are whole, the
-    image is accepted, and the warning, otherwise a bare line on stderr, names its file."""
+    image is accepted, and the warning, otherwise a bare line on stderr, names its file. It is
+    logged by the stage's own process, also when a worker process read the file (a Dask worker's
+    log, on another machine, is not the one the user reads)."""
     root = tmp_path / "src"
     (root / "cat").mkdir(parents=True)
     png = cv2.imencode(".png", cv2.imread(str(photo(2))))[1].tobytes()
@@ -574,6 +577,6 @@ def test_a_decoder_message_that_is_not_damage_is_logged_with_the_file_name(tmp_p
     (root / "cat" / "comment.png").write_bytes(png[:33] + comment[:-4] + bytes(4) + png[33:])  # after IHDR
     shutil.copy(photo(3), root / "cat" / "photo.jpg")
     with caplog.at_level(logging.WARNING, logger="imgpipe.data.ingestion"):
-        m = run_ingest(tmp_path, root, workers=1).set_index("path")
+        m = run_ingest(tmp_path, root, workers=workers).set_index("path")
     assert (m.loc["cat/comment.png", "error"], int(m.loc["cat/comment.png", "width"])) == ("", 128)
     assert caplog.messages == ["cat/comment.png: the decoder says: libpng warning: tEXt: CRC error"]
