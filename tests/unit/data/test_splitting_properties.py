@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
@@ -99,11 +100,12 @@ def round_trip(state: pd.Series, p: Split) -> pd.Series:
     return back
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(p=params, layout=source_layouts, start=st.lists(st.tuples(st.sampled_from(CLASSES), st.integers(0, 3)),
-                                                       min_size=10, max_size=60),
-       history=st.lists(ops, min_size=1, max_size=10))
-def test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_trained_on(p, layout, start, history):
+HISTORIES = {"p": params, "layout": source_layouts,
+             "start": st.lists(st.tuples(st.sampled_from(CLASSES), st.integers(0, 3)), min_size=10, max_size=60),
+             "history": st.lists(ops, min_size=1, max_size=10)}
+
+
+def no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_trained_on(p, layout, start, history):
     world = World(layout)
     for label, where in start:
         world.make(label, layout[where % len(layout)])
@@ -174,3 +176,14 @@ def test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_traine
             assert (out.loc[alone, "assigned"] == expected[alone]).all()
         state = round_trip(next_state(state, out), p)
         assert set(ever) == set(state.index)  # every image ever assigned is remembered, removed ones too
+
+
+def _checked(examples: int):
+    return settings(max_examples=examples, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])(
+        given(**HISTORIES)(no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_trained_on))
+
+
+# 60 histories take about 45 s (each step runs the split's SQL three times): 15 in the quick
+# suite (`make test-fast`), all 60 in the whole one
+test_no_image_ever_changes_its_assignment_and_no_val_or_test_image_is_trained_on = _checked(15)
+test_no_image_ever_changes_its_assignment_over_more_histories = pytest.mark.slow(_checked(60))
