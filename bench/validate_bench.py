@@ -225,7 +225,7 @@ def logging_off() -> None:
 # --- the benchmark ---------------------------------------------------------------------------
 
 def bench(name: str, source: Path, folder: Path, repeats: int) -> dict:
-    from imgpipe.data.ingestion import available_cores
+    from imgpipe.data.parallel import available_cores
 
     folder.mkdir(parents=True, exist_ok=True)
     workspace.write_params(folder, {
@@ -258,7 +258,7 @@ def growth(source: Path, folder: Path, repeats: int) -> dict:
     """Ingest re-runs with the facts cache: first runs fill it (each its own empty cache; the
     median is reported), then each repeat adds 1% new files (as a growing data set does between
     two `dvc repro`) and runs ingest again, next to a bare decode of the whole set."""
-    from imgpipe.data.ingestion import available_cores
+    from imgpipe.data.parallel import available_cores
 
     folder.mkdir(parents=True, exist_ok=True)
     workers = available_cores()

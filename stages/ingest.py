@@ -15,8 +15,8 @@ from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.data import facts_cache
-from imgpipe.data.ingestion import available_cores, ingest, skipped_path
-from imgpipe.data.parallel import Batches
+from imgpipe.data.ingestion import ingest, skipped_path
+from imgpipe.data.parallel import Batches, available_cores
 from imgpipe.data.sources import Source, SourceError
 
 # the params sections `run` takes, in order (imgpipe/core/runner.py)

@@ -29,9 +29,8 @@ from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.core.params import Ingest, Paths, Preprocess, Runtime
 from imgpipe.core.runner import stage_main
-from imgpipe.data.ingestion import available_cores
 from imgpipe.data import tables
-from imgpipe.data.parallel import Batches
+from imgpipe.data.parallel import Batches, available_cores
 from imgpipe.data.sources import Source
 from imgpipe.images.transforms import ChannelStats
 from imgpipe.model import encoding, shards

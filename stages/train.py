@@ -52,7 +52,7 @@ def run(p: Train, paths: Paths, base: Base, runtime: Runtime) -> None:
         return
     run_dir = Path(runtime.train_cache_dir) / "runs" / run_fingerprint(p, base.seed, paths)
     with exclusive(run_dir):
-        clf = train_phases(p, base.seed, paths, meta, plan, copies, run_dir, Path(runtime.train_cache_dir))
+        clf = train_phases(p, base.seed, paths, meta, plan, copies, run_dir, runtime)
         save_model(clf.model, Path(paths.model))
         with atomic_path(paths.train_log) as tmp:
             shutil.copyfile(run_dir / TRAIN_LOG, tmp)
@@ -73,7 +73,7 @@ def run_worker(cluster: clusters.Cluster, p: Train, paths: Paths, base: Base, ru
         run_dir = Path(tmp)
         log.info("%s: run state in %s (removed at the end; a killed multi-worker run starts over)",
                  cluster.describe(), run_dir)
-        clf = train_phases(p, base.seed, paths, meta, plan, copies, run_dir, Path(runtime.train_cache_dir), cluster)
+        clf = train_phases(p, base.seed, paths, meta, plan, copies, run_dir, runtime, cluster)
         model_path = Path(paths.model) if cluster.chief else run_dir / "model" / Path(paths.model).name
         save_model(clf.model, model_path)
         if cluster.chief:

@@ -58,8 +58,9 @@ class Runtime:
 
     # ingest's and preprocess's worker processes (0 = one per CPU core)
     workers: int = 0
-    # where ingest's and preprocess's per-image work runs: local (a process pool) | dask (a Dask cluster: the one
-    # at `scheduler`, e.g. tcp://10.0.0.5:8786, or with "" a local cluster of `workers` processes)
+    # where ingest's and preprocess's per-image work and train's embedding cache run: local (a process pool;
+    # train: its own process) | dask (a Dask cluster: the one at `scheduler`, e.g. tcp://10.0.0.5:8786, or with ""
+    # a local cluster of `workers` processes)
     executor: Literal["local", "dask"] = "local"
     scheduler: str = ""
     # what ingest learnt of each file, kept between runs ("" = off); see imgpipe/data/facts_cache.py

@@ -298,9 +298,3 @@ def write_lines(batches: Iterable[Described], out: TextIO, cache: facts_cache.Fa
                 cache.put(fresh)
                 cache.hits += hits
     return count
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (fewer than the machine's in a container or cgroup)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-

@@ -6,6 +6,9 @@ worker locally, 8 on Dask, whose round trips are longer; so a stage streams: mem
 with the data); `submit` and `result` do the same one job
 at a time, for callers that keep their own window. The same function on the same jobs gives
 the same results whichever runs it, so the outputs do not depend on the executor.
+`share(obj)` hands every job one large object (a model's weights) without sending it with each
+job: `map(fn, jobs, shared)` calls `fn(shared_obj, *job)`; on Dask the object is sent once to
+every worker (`Client.scatter(broadcast=True)`).
 
 - local: a `concurrent.futures` process pool; its workers are started by a fork server, so they
   never inherit the caller's threads (TensorFlow's, in preprocess).
@@ -22,11 +25,18 @@ import collections
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import pickle
 from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 DASK_JOBS_PER_WORKER = 8
+_NOTHING = object()  # no shared object (never sent: a job without one gets no such argument)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (fewer than the machine's in a container or cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Batches:
@@ -76,25 +86,36 @@ class Batches:
         if self._cluster is not None:
             self._cluster.close()
 
-    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator:
-        """fn(*job) for each job, in order, with at most `in_flight` jobs in flight."""
+    def share(self, obj):
+        """A handle on `obj` for `map`/`submit`'s `shared`: on Dask, a copy held by every worker."""
+        if self.on_dask:
+            return self._dask().scatter(obj, broadcast=True, hash=False)
+        return obj
+
+    def map(self, fn: Callable, jobs: Iterable[tuple], shared=_NOTHING) -> Iterator:
+        """fn(*job) (or fn(shared, *job)) for each job, in order, with at most `in_flight` jobs in flight."""
         pending: collections.deque = collections.deque()
         for job in jobs:
-            pending.append(self.submit(fn, job))
+            pending.append(self.submit(fn, job, shared))
             if len(pending) >= self.in_flight:
                 yield self.result(pending.popleft())
         while pending:
             yield self.result(pending.popleft())
 
-    def submit(self, fn: Callable, job: tuple):
-        """Start fn(*job) (with one worker: later, in this process, when its result is asked for)."""
+    def submit(self, fn: Callable, job: tuple, shared=_NOTHING):
+        """Start fn(*job), or fn(shared, *job) with a handle from `share` (with one worker: later, in
+        this process, when its result is asked for)."""
         if self.on_dask:
             # The job goes pickled, as one bytes argument: Dask's client walks every argument it
             # is given, item by item, looking for futures inside (dask._task_spec.parse_input), and
             # on batches of 1,024 file records that walk took almost half of ingest's process (a
             # cProfile: 800,784 calls, 5.4 s of 12 s). pure=False: two jobs with equal arguments
             # are still two jobs.
-            return self._dask().submit(_on_worker, fn, pickle.dumps(job, pickle.HIGHEST_PROTOCOL), pure=False)
+            # The shared object's future is the one argument Dask resolves (to the worker's copy).
+            extra = () if shared is _NOTHING else (shared,)
+            return self._dask().submit(_on_worker, fn, pickle.dumps(job, pickle.HIGHEST_PROTOCOL), *extra, pure=False)
+        if shared is not _NOTHING:
+            job = (shared, *job)
         if self._local_pool() is not None:
             return self._pool.submit(fn, *job)
         return lambda: fn(*job)
@@ -108,8 +129,9 @@ class Batches:
         return handle() if callable(handle) else handle.result()
 
 
-def _on_worker(fn: Callable, job: bytes):
-    """fn(*job) on a Dask worker, `job` pickled, with the worker's address (which `Batches.where` counts)."""
+def _on_worker(fn: Callable, job: bytes, *shared):
+    """fn(*shared, *job) on a Dask worker, `job` pickled, with the worker's address (which
+    `Batches.where` counts)."""
     from distributed import get_worker
 
-    return get_worker().address, fn(*pickle.loads(job))
+    return get_worker().address, fn(*shared, *pickle.loads(job))

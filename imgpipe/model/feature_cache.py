@@ -15,6 +15,12 @@ the backbone settings, and the preprocessing that made the pixels. One file per 
 Images already there are never recomputed: new images add rows (the file is rewritten next to
 the old one, then renamed over it, so a killed run leaves the old file intact). The cache
 lives outside DVC's outputs: it is an accelerator, and deleting it only costs time.
+
+The features are computed in the stage's process (TensorFlow uses every core), or, with
+`runtime.executor: dask`, on the Dask cluster's workers: the extractor (its Keras config and
+weights) is sent once to every worker, each batch of images goes to one of them, and the
+features come back in order, the same bytes either way (tests/e2e/test_dask_stages.py). A TF Hub
+backbone cannot be rebuilt from its config on a worker, so it is computed in the process.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ID_DTYPE = "S64"  # sha1 ids are 40 characters; room for sha256
 COPY_ROWS = 65536  # rows copied at a time when a cache file is extended
+PARSE_BATCH = 128  # records parsed at a time (one op per batch is fast, bench/RESULTS.md)
 
 
 def cache_key(weights: list[np.ndarray], description: dict) -> str:
@@ -76,31 +84,23 @@ class FeatureCache:
 
 
 def update(path: Path, extractor, folder: Path, meta: dict, splits: tuple[str, ...], ids: np.ndarray,
-           batch_size: int) -> FeatureCache:
-    """The cache at `path` holding features of all `ids` (images of `splits`): computes the missing ones."""
-    import tensorflow as tf
-
+           batch_size: int, runner=None) -> FeatureCache:
+    """The cache at `path` holding features of all `ids` (images of `splits`): computes the missing ones,
+    one shard file at a time, on `runner`'s Dask workers if it is given one (a `Batches` on Dask)."""
     cache = FeatureCache(path)
     missing = np.unique(np.asarray(ids, ID_DTYPE)[cache.rows(ids) < 0])
     log.info("embedding cache %s: %d of %d images cached, computing %d", path.name, len(ids) - len(missing),
              len(ids), len(missing))
     if len(missing) == 0:
         return cache
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(missing), tf.ones(len(missing), tf.int64)),
-        default_value=tf.constant(0, tf.int64),
-    )
-
-    def only_missing(batch):
-        keep = table.lookup(batch["id"]) > 0
-        return tf.data.Dataset.from_tensor_slices({k: tf.boolean_mask(batch[k], keep) for k in ("image", "id")})
-
-    ds = shards.records(folder, splits[0], meta)
-    for split in splits[1:]:
-        ds = ds.concatenate(shards.records(folder, split, meta))
-    # parse whole batches (fast), keep the missing images, then batch them for the backbone
-    ds = ds.batch(128).map(shards.parse_batch(meta, ("image", "id")), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.flat_map(only_missing).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    shape = {k: meta[k] for k in ("height", "width", "channels")}
+    jobs = []  # (shard file, its images to compute): files with none cost no job
+    for split in splits:
+        for file in shards.split_files(folder, split, meta):
+            in_file = np.asarray(file_ids(file, shape), ID_DTYPE)
+            wanted = in_file[np.isin(in_file, missing)]
+            if len(wanted):
+                jobs.append((os.path.abspath(file), shape, wanted, batch_size))
 
     old, dim = len(cache), int(extractor.output_shape[-1])
     dtype = np.dtype([("id", ID_DTYPE), ("features", np.float32, (dim,))])
@@ -111,18 +111,102 @@ def update(path: Path, extractor, folder: Path, meta: dict, splits: tuple[str, .
             stop = min(start + COPY_ROWS, old)
             out[start:stop] = cache.table[start:stop]
         at = old
-        for batch in ds.as_numpy_iterator():
-            n = len(batch["id"])
+        for file_rows, features in _computed(jobs, extractor, runner):
+            n = len(file_rows)
             if at + n > len(out):
                 raise StageError(f"{folder}: an image id occurs more than once in the {'/'.join(splits)} shards")
-            out["id"][at:at + n] = batch["id"]
-            out["features"][at:at + n] = extractor.predict_on_batch(batch["image"])
+            out["id"][at:at + n] = file_rows
+            out["features"][at:at + n] = features
             at += n
         if at != len(out):
             raise StageError(f"{folder}: the shards changed while their features were computed; re-run")
         out.flush()
         del out
     return FeatureCache(path)
+
+
+def file_ids(file: str, shape: dict) -> np.ndarray:
+    """The image ids of one shard file, in its order, without decoding any pixels."""
+    import tensorflow as tf
+
+    ds = tf.data.TFRecordDataset([file]).batch(PARSE_BATCH).map(shards.parse_batch(shape, ("id",)))
+    return np.concatenate([np.zeros(0, ID_DTYPE)] + [b["id"].astype(ID_DTYPE) for b in ds.as_numpy_iterator()])
+
+
+def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size: int):
+    """(ids, features) of the images of shard `file` whose id is in `wanted`, in file order.
+
+    `extractor` is a Keras model, or what `portable` made of one (rebuilt once per process). The
+    images go to the backbone in batches of `batch_size` made the same way wherever this runs,
+    so the features are the same bits in the stage's process and on a Dask worker.
+    """
+    import tensorflow as tf
+
+    if isinstance(extractor, tuple):
+        extractor = _rebuilt(*extractor)
+    parse = shards.parse_batch(shape, ("image", "id"))
+    ids, features, images, kept = [], [], [], 0
+
+    def flush():
+        nonlocal images, kept
+        batch = np.concatenate(images)
+        features.append(np.asarray(extractor.predict_on_batch(batch[:batch_size]), np.float32))
+        images, kept = ([batch[batch_size:]], len(batch) - batch_size) if len(batch) > batch_size else ([], 0)
+
+    for batch in tf.data.TFRecordDataset([file]).batch(PARSE_BATCH).map(parse).as_numpy_iterator():
+        keep = np.isin(batch["id"].astype(ID_DTYPE), wanted)
+        ids.append(batch["id"][keep].astype(ID_DTYPE))
+        images.append(batch["image"][keep])
+        kept += int(keep.sum())
+        while kept >= batch_size:
+            flush()
+    if kept:
+        flush()
+    dim = int(extractor.output_shape[-1])
+    return np.concatenate([np.zeros(0, ID_DTYPE)] + ids), np.concatenate([np.zeros((0, dim), np.float32)] + features)
+
+
+def portable(extractor) -> tuple[str, str, list[np.ndarray]] | None:
+    """(key, Keras JSON config, weights) from which a worker rebuilds `extractor`; None if it cannot."""
+    if any(type(layer).__name__ == "TFSMLayer" for layer in _layers(extractor)):
+        return None  # a SavedModel on this machine's disk
+    weights, config = extractor.get_weights(), extractor.to_json()
+    return cache_key(weights, {"config": config}), config, weights
+
+
+def _layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _layers(layer)
+
+
+_REBUILT: dict[str, object] = {}  # on a worker: the extractor rebuilt last, by key
+
+
+def _rebuilt(key: str, config: str, weights: list[np.ndarray]):
+    if key not in _REBUILT:
+        import keras
+
+        _REBUILT.clear()  # one extractor at a time: a worker's memory is not a model zoo
+        model = keras.models.model_from_json(config)
+        model.set_weights(weights)
+        _REBUILT[key] = model
+    return _REBUILT[key]
+
+
+def _computed(jobs: list[tuple], extractor, runner):
+    """embed_file's (ids, features) for each job, in order: on `runner`'s Dask workers, or here."""
+    spec = portable(extractor) if runner is not None and runner.on_dask else None
+    if runner is not None and runner.on_dask and spec is None:
+        log.info("embedding cache: a TF Hub backbone is not rebuilt on Dask workers; computing here")
+    if spec is None:
+        for job in jobs:
+            yield embed_file(extractor, *job)
+        return
+    yield from runner.map(embed_file, jobs, runner.share(spec))
+    log.info("embedding cache: %d shard files computed on the Dask cluster (files per worker: %s)", len(jobs),
+             dict(runner.where))
 
 
 def head_dataset(cache: FeatureCache, rows: np.ndarray, labels: np.ndarray, batch_size: int,

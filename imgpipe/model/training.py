@@ -53,7 +53,8 @@ from imgpipe.model import shards
 from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.model.builder import Classifier, build, compile_for_training
-from imgpipe.core.params import Paths, Train
+from imgpipe.core.params import Paths, Runtime, Train
+from imgpipe.data.parallel import Batches, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ def _image_batches(ds: tf.data.Dataset, meta: dict, batch_size: int, determinist
 
 
 def cached_datasets(clf: Classifier, train: Train, seed: int, paths: Paths, meta: dict, copies: dict[str, int],
-                    cache_dir: Path):
-    """(train, val) batches of (features, label) from the embedding cache, filling it first."""
+                    runtime: Runtime):
+    """(train, val) batches of (features, label) from the embedding cache, filling it first (on the Dask
+    cluster with runtime.executor dask)."""
     folder = Path(paths.shards)
     splits = ("train", "val") if meta["counts"].get("val") else ("train",)
     ids = {split: shards.ids_and_labels(folder, split, meta) for split in splits}
@@ -213,9 +215,12 @@ def cached_datasets(clf: Classifier, train: Train, seed: int, paths: Paths, meta
         "shards": {k: meta.get(k) for k in ("height", "width", "channels", "mean", "std")},
     }
     key = feature_cache.cache_key(clf.extractor.get_weights(), description)
-    path = cache_dir / "embeddings" / f"{key}.npy"
+    path = Path(runtime.train_cache_dir) / "embeddings" / f"{key}.npy"
     every_id = np.concatenate([split_ids for split_ids, _ in ids.values()])
-    cache = feature_cache.update(path, clf.extractor, folder, meta, splits, every_id, train.batch_size)
+    on_dask = runtime.executor == "dask"
+    with Batches("dask", runtime.workers or available_cores(), runtime.scheduler) if on_dask \
+            else contextlib.nullcontext() as runner:
+        cache = feature_cache.update(path, clf.extractor, folder, meta, splits, every_id, train.batch_size, runner)
     feature_cache.describe(key, description, path)
 
     train_ids, train_labels = ids["train"]
@@ -414,7 +419,7 @@ def exclusive(run_dir: Path):
 
 
 def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, copies: dict[str, int], run_dir: Path,
-                 cache_dir: Path, cluster: clusters.Cluster | None = None) -> Classifier:
+                 runtime: Runtime, cluster: clusters.Cluster | None = None) -> Classifier:
     """Phase 1, then phase 2 if asked for, resuming what a killed run left; the classifier to save.
 
     With a `cluster`, this is one of its workers: it trains on its own shard files, in step with
@@ -465,7 +470,7 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
             next_epoch = json.loads(phase_one.read_text())["next_epoch"]
         else:
             if cached:
-                (data, val), fitted = cached_datasets(clf, train, seed, paths, meta, copies, cache_dir), clf.head
+                (data, val), fitted = cached_datasets(clf, train, seed, paths, meta, copies, runtime), clf.head
             else:
                 augmented = train.augments_phase1
                 (data, val), fitted = image_data(augmented), clf.training if augmented else clf.model

@@ -22,7 +22,8 @@ from distributed import Client, LocalCluster
 from imgpipe.core.params import Split, params_from_dict
 from imgpipe.data import ingestion
 from imgpipe.data.splitting import assign
-from stages import ingest, preprocess
+from stages import ingest, preprocess, rebalance, train
+from tests.conftest import SHARED_WEIGHTS
 from tests.data.test_ingest import flower_files
 from tests.e2e.helpers import S3_ENV, eventually, s3_server
 
@@ -113,6 +114,39 @@ def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, loca
     # nothing left to decode: no cluster is started (scheduler "" would start a LocalCluster)
     log = run(params(world, "on-cluster", executor="dask"), caplog)
     assert "shards up to date" in log and "Dask cluster" not in log, log
+
+
+def train_params(world, name: str, **runtime):
+    """Phase 1 only, on the embedding cache: the head on MobileNet's features of the local shards."""
+    return params_from_dict({
+        "train": {"backbone": "mobilenet", "weights": str(SHARED_WEIGHTS), "backbone_size": 96, "epochs": 2,
+                  "augment_flip": "none", "embedding_cache": True},
+        "paths": {"shards": str(world / "local"), "rebalance": str(world / "rebalance"), "split": str(world / "split.csv"),
+                  "model": str(world / name / "model.keras"), "train_log": str(world / name / "train_log.csv")},
+        "runtime": {"train_cache_dir": str(world / name / "cache"), **runtime}})
+
+
+def test_the_embedding_cache_is_computed_on_the_cluster_with_the_same_bytes(world, local, cluster, caplog):
+    here = train_params(world, "train-here")
+    rebalance.run(here.rebalance, here.paths)
+    for name, p in (("here", here),
+                    ("dask", train_params(world, "train-dask", executor="dask", scheduler=cluster.scheduler_address))):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train.run(p.train, p.paths, p.base, p.runtime)
+        if name == "dask":
+            assert "shard files computed on the Dask cluster" in caplog.text, caplog.text
+            # the train and val shard files (64 images each), spread over both workers
+            assert len(set(cluster.scheduler_info["workers"]) & set(caplog.text.split("'"))) == 2, caplog.text
+        else:
+            assert "Dask" not in caplog.text
+    (cached_here,), (cached_dask,) = ([f for f in (world / f"train-{n}" / "cache" / "embeddings").glob("*.npy")]
+                                      for n in ("here", "dask"))
+    assert cached_here.name == cached_dask.name
+    assert cached_here.read_bytes() == cached_dask.read_bytes()
+    # the same features, so the same head: its training log, epoch by epoch
+    assert ((world / "train-here" / "train_log.csv").read_text()
+            == (world / "train-dask" / "train_log.csv").read_text())
 
 
 def ingest_params(world, manifest: str, **runtime):

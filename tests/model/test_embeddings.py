@@ -119,3 +119,25 @@ def test_a_real_extractor_fills_the_cache_with_its_features(tmp_path):
     cache = feature_cache.update(tmp_path / "c.npy", extractor, tmp_path / "shards", meta, ("train",), train_ids, 4)
     images = np.stack([np.full((4, 4, 1), v, np.float32) for _, v in written["train"]])
     np.testing.assert_allclose(cache.gather(cache.rows(train_ids)), extractor.predict_on_batch(images), rtol=1e-5)
+
+
+def test_a_worker_rebuilds_the_extractor_from_its_config_and_weights_with_the_same_features(tmp_path):
+    """What a Dask worker gets (`portable`: config + weights) computes the stage's features bit for bit,
+    in the same batches (4 wanted images of the file's 7, in batches of 3 and 1)."""
+    meta, written = write_shards(tmp_path / "shards", {"train": 10})
+    inputs = keras.Input((4, 4, 1))
+    extractor = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 2)(inputs)))
+    (file,) = [str(tmp_path / "shards" / name) for name in meta["files"]["train"][:1]]
+    shape = {"height": 4, "width": 4, "channels": 1}
+    wanted = ids(*(i for i, _ in written["train"][:7:2]), written["train"][8][0])  # the last is in file 2
+    here_ids, here = feature_cache.embed_file(extractor, file, shape, wanted, 3)
+    spec = feature_cache.portable(extractor)
+    there_ids, there = feature_cache.embed_file(spec, file, shape, wanted, 3)
+    assert here_ids.tolist() == there_ids.tolist() == wanted[:4].tolist()
+    assert here.tobytes() == there.tobytes() and here.shape == (4, 3)
+    images = np.stack([np.full((4, 4, 1), v, np.float32) for _, v in written["train"][:7:2]])
+    np.testing.assert_allclose(here, extractor.predict_on_batch(images), rtol=1e-5)
+    # another model, another key: the worker rebuilds rather than reuse the last one
+    other = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 2)(inputs)))
+    assert feature_cache.portable(other)[0] != spec[0]
+    assert feature_cache.embed_file(feature_cache.portable(other), file, shape, wanted, 3)[1].tobytes() != there.tobytes()
