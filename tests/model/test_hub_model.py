@@ -146,3 +146,26 @@ def test_a_hub_model_holding_python_code_is_refused_even_when_trusted(tmp_path):
     keras.Model(inputs, outputs).save(tmp_path / "model.keras")
     with pytest.raises(StageError, match="holds Python code \\(Lambda"):
         loading.load(tmp_path / "model.keras", trust=True)
+
+
+def test_the_embedding_cache_of_a_hub_backbone_is_computed_here_even_on_dask(tmp_path, caplog):
+    """A TFSMLayer loads a SavedModel from this machine's disk, so a Dask worker could not rebuild
+    the extractor from its config: the stage computes the features itself and says so, and starts
+    no cluster."""
+    from imgpipe.data.parallel import Batches
+    from imgpipe.model import feature_cache
+
+    save_hub_module(tmp_path / "hub")
+    written = write_shards(tmp_path / "shards", {"train": 2})
+    meta = shards.read_meta(tmp_path / "shards")
+    clf = build(len(CLASSES), (meta["height"], meta["width"], meta["channels"]),
+                Train(backbone="hub", hub_handle=str(tmp_path / "hub"), backbone_size=SIZE, weights="none"),
+                meta["preprocess"]["normalization"])
+    assert feature_cache.portable(clf.extractor) is None
+    ids = np.array([i.encode() for i, _ in written["train"]], feature_cache.ID_DTYPE)
+    with Batches("dask", 2) as runner, caplog.at_level(logging.INFO):
+        cache = feature_cache.update(tmp_path / "c.npy", clf.extractor, tmp_path / "shards", meta, ("train",), ids, 4,
+                                     runner)
+        assert runner._client is None and runner._cluster is None
+    assert "a TF Hub backbone is not rebuilt on Dask workers; computing here" in caplog.text
+    assert len(cache) == len(ids) == 2 * len(CLASSES) and cache.gather(cache.rows(ids)).shape == (len(ids), 8)
