@@ -7,11 +7,14 @@ train/ and test/; `--dataset flowers5x` the 4,317 flower photos at five JPEG qua
 files of 128 px: photo-sized decoding). Prepared once in the benchmark folder (bench/workspace.py).
 
 Each round runs each stage (`python -m stages.<stage> --params ...`, as `dvc repro` runs it,
-without DVC) three ways, interleaved, from nothing every time (no facts cache, no shards):
+without DVC) four ways, interleaved, from nothing every time (no facts cache, no shards):
 
 - local: `runtime.executor: local`, a pool of 2 worker processes (the default);
 - cluster: `runtime.executor: dask` on a running cluster (`dask scheduler` and two `dask worker
-  --nthreads 1` processes on loopback, started once by this script, as a user starts them);
+  --nthreads 1` processes on loopback, started once by this script, as docs/orchestration.md
+  says: without the nanny's MALLOC_TRIM_THRESHOLD_);
+- cluster-trimmed: the same on a second such cluster whose workers keep Dask's default
+  MALLOC_TRIM_THRESHOLD_=65536 (both clusters idle while the other works);
 - local-cluster: `runtime.executor: dask` with `scheduler: ""`, a LocalCluster of 2 processes the
   stage starts and stops itself (its start-up included).
 
@@ -46,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import ROOT, SHARED, environment, fashion_splits, run_stage, write_params  # noqa: E402
 
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
-VARIANTS = ("local", "cluster", "local-cluster")
+WORKER_ENV = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": '{"MALLOC_TRIM_THRESHOLD_": None}'}
+VARIANTS = ("local", "cluster", "cluster-trimmed", "local-cluster")
 DATASETS = {
     "fashion100k": {"split.method": "source", "split.max_train_per_class": 0, "split.max_val_per_class": 0},
     "flowers5x": {"split.method": "hash", "split.max_train_per_class": 0, "split.max_val_per_class": 0,
@@ -92,13 +96,15 @@ def prepare(name: str) -> Path:
     return folder
 
 
-def start_cluster(folder: Path) -> tuple[str, list[subprocess.Popen]]:
-    """`dask scheduler` and two single-thread `dask worker` processes on loopback; the scheduler's address."""
+def start_cluster(folder: Path, trimmed: bool = False) -> tuple[str, list[subprocess.Popen]]:
+    """`dask scheduler` and two single-thread `dask worker` processes on loopback; the scheduler's address.
+    `trimmed`: the workers keep the nanny's MALLOC_TRIM_THRESHOLD_=65536 (Dask's default)."""
     dask = str(Path(sys.executable).with_name("dask"))
-    scheduler_file = folder / "scheduler.json"
+    scheduler_file = folder / f"scheduler{'-trimmed' if trimmed else ''}.json"
     scheduler_file.unlink(missing_ok=True)
-    env = {**environment(), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    log = (folder / "cluster.log").open("w")
+    # the workers as docs/orchestration.md starts them: without the nanny's MALLOC_TRIM_THRESHOLD_
+    env = {**environment(), "DASK_DISTRIBUTED__WORKER__DAEMON": "False", **({} if trimmed else WORKER_ENV)}
+    log = (folder / f"cluster{'-trimmed' if trimmed else ''}.log").open("w")
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                "--scheduler-file", str(scheduler_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)]
@@ -124,11 +130,11 @@ def stop(procs: list[subprocess.Popen]) -> None:
         proc.wait(timeout=30)
 
 
-def runtime_overrides(variant: str, address: str) -> dict:
+def runtime_overrides(variant: str, addresses: dict[str, str]) -> dict:
     common = {"runtime.workers": 2, "runtime.ingest_cache_dir": ""}
     if variant == "local":
         return {**common, "runtime.executor": "local"}
-    return {**common, "runtime.executor": "dask", "runtime.scheduler": address if variant == "cluster" else ""}
+    return {**common, "runtime.executor": "dask", "runtime.scheduler": addresses.get(variant, "")}
 
 
 def output_digest(path: Path) -> str:
@@ -181,6 +187,8 @@ def main() -> None:
     files = sum(1 for _ in open(folder / "data/interim/manifest.csv")) - 1
     print(f"{args.dataset}: {files} files; load average {os.getloadavg()[0]:.1f}", flush=True)
     address, procs = start_cluster(folder)
+    trimmed_address, trimmed_procs = start_cluster(folder, trimmed=True)
+    addresses = {"cluster": address, "cluster-trimmed": trimmed_address}
     results = {"dataset": args.dataset, "files": files, "runs": [], "load": [os.getloadavg()[0]]}
     try:
         params = {}
@@ -188,7 +196,7 @@ def main() -> None:
             params[variant] = write_params(folder, {**DATASETS[args.dataset], "ingest.source": str(folder / "raw"),
                                                     "paths.manifest": f"data/interim/manifest-{variant}.csv",
                                                     "paths.shards": f"data/shards-{variant}",
-                                                    **runtime_overrides(variant, address)},
+                                                    **runtime_overrides(variant, addresses)},
                                            name=f"params-{variant}.yaml")
         for round_ in range(args.rounds):
             for stage in ("ingest", "preprocess"):
@@ -205,7 +213,7 @@ def main() -> None:
         results["per_batch"] = per_batch_cost(address)
         results["load"].append(os.getloadavg()[0])
     finally:
-        stop(procs)
+        stop(procs + trimmed_procs)
     report(results)
     (folder / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -31,6 +31,11 @@ from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 DASK_JOBS_PER_WORKER = 8
+# Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to
+# the system). Setting it at all fixes glibc's mmap threshold too, and the per-file work then
+# maps and unmaps its buffers: ingest's per-file CPU was 1.2-1.45x that of a plain process here
+# (bench/RESULTS.md). The stage's own LocalCluster leaves it unset; other clusters are told.
+UNTRIMMED = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 _NOTHING = object()  # no shared object (never sent: a job without one gets no such argument)
 
 
@@ -63,12 +68,22 @@ class Batches:
             if self.scheduler:
                 self._client = Client(self.scheduler)
             else:
-                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None)
+                import dask
+
+                with dask.config.set(UNTRIMMED):
+                    self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                                 dashboard_address=None)
                 self._client = Client(self._cluster)
             self.workers = max(len(self._client.scheduler_info()["workers"]), 1)
             self.in_flight = DASK_JOBS_PER_WORKER * self.workers
             log.info("on the Dask cluster at %s: %d workers", self._client.scheduler.address, self.workers)
+            # os.getenv goes by reference: the scheduler and workers unpickle it without imgpipe
+            trimmed = {v for v in self._client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values() if v is not None}
+            if trimmed:
+                log.warning("the Dask workers run with MALLOC_TRIM_THRESHOLD_=%s (the nanny's default), which "
+                            "makes each file's work 1.2-1.45x the CPU (bench/RESULTS.md); start them with "
+                            "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{\"MALLOC_TRIM_THRESHOLD_\": None}' "
+                            "(docs/orchestration.md)", ",".join(sorted(trimmed)))
         return self._client
 
     def _local_pool(self):

@@ -21,6 +21,7 @@ from distributed import Client, LocalCluster
 
 from imgpipe.core.params import Split, params_from_dict
 from imgpipe.data import ingestion
+from imgpipe.data.parallel import Batches
 from imgpipe.data.splitting import assign
 from stages import ingest, preprocess, rebalance, train
 from tests.conftest import SHARED_WEIGHTS
@@ -110,10 +111,26 @@ def test_a_local_cluster_writes_the_local_pools_bytes_on_its_workers(world, loca
     for address in workers:
         assert address in log
     assert f"{3 * PER_CLASS} images decoded" in log
+    # this LocalCluster's workers have Dask's default, which costs CPU per file: the stage says so
+    assert "the Dask workers run with MALLOC_TRIM_THRESHOLD_=65536" in log, log
 
     # nothing left to decode: no cluster is started (scheduler "" would start a LocalCluster)
     log = run(params(world, "on-cluster", executor="dask"), caplog)
     assert "shards up to date" in log and "Dask cluster" not in log, log
+
+
+def test_the_stages_own_local_cluster_leaves_mallocs_trim_threshold_alone(caplog, monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap threshold too: ingest's
+    per-file CPU was 1.2-1.45x (bench/RESULTS.md). The LocalCluster a stage starts goes without it."""
+    # an in-process nanny (the `cluster` fixture's) leaves the variable in os.environ, where a
+    # nanny takes it as the user's own choice; a stage's process starts without it
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with caplog.at_level(logging.WARNING), Batches("dask", 2) as runner:
+        assert list(runner.map(os.getenv, [("MALLOC_TRIM_THRESHOLD_",), ("OMP_NUM_THREADS",)])) == [None, "1"]
+        # every worker, and the nanny's other settings kept
+        assert list(runner._client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == [None, None]
+        assert list(runner._client.run(os.getenv, "OMP_NUM_THREADS").values()) == ["1", "1"]
+    assert "MALLOC_TRIM_THRESHOLD_" not in caplog.text
 
 
 def train_params(world, name: str, **runtime):
@@ -214,8 +231,14 @@ def test_the_workers_read_the_raw_images_from_s3(world, local, cluster, s3_sourc
     assert f"{3 * PER_CLASS} images decoded" in log and "decoded on 2 Dask workers" in log, log
 
 
+# how docs/orchestration.md starts workers: without the nanny's MALLOC_TRIM_THRESHOLD_
+WORKER_ENV = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": '{"MALLOC_TRIM_THRESHOLD_": None}'}
+
+
 def start(*args: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    # not what an in-process nanny (the `cluster` fixture's) left in os.environ: a user's shell
+    inherited = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    env = {**inherited, "PYTHONPATH": str(PROJECT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False", **WORKER_ENV}
     return subprocess.Popen([str(Path(sys.executable).with_name("dask")), *args], cwd=PROJECT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -261,6 +284,7 @@ def test_scheduler_and_worker_processes_on_loopback_survive_a_killed_worker(worl
         assert folder_bytes(world / "on-loopback") == local
         assert f"{3 * PER_CLASS} images decoded" in log, log
         assert "on the Dask cluster at tcp://127.0.0.1:" in log
+        assert "MALLOC_TRIM_THRESHOLD_" not in log + ingest_log  # started as the docs say: no warning
         assert (world / "loopback.csv").read_bytes() == (world / "loopback-local.csv").read_bytes()
         assert "described on 2 Dask workers" in ingest_log, ingest_log
     finally:
