@@ -1,4 +1,4 @@
-"""Train's embedding cache computed in the stage's process against on a Dask cluster: the same
+"""Train's embedding cache computed in the stage's process and on a Dask cluster: the same
 shards, the same extractor, side by side in one run (issue 14: the embedding computation on Dask).
 
 Data: the `flowers128` workspace (bench/workspace.py: the 4,317 flower photos through ingest ->
@@ -18,7 +18,7 @@ Each round fills an empty cache file three ways, interleaved:
 Per variant: wall seconds of `update` (reading the shards, computing, writing the cache file),
 images per second, and whether the cache file is byte for byte the one computed here.
 
-    .venv/bin/python bench/embedding_dask_bench.py --rounds 2
+    .venv/bin/python bench/embedding_dask_bench.py --rounds 3
 """
 
 from __future__ import annotations

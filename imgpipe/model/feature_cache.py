@@ -16,11 +16,13 @@ Images already there are never recomputed: new images add rows (the file is rewr
 the old one, then renamed over it, so a killed run leaves the old file intact). The cache
 lives outside DVC's outputs: it is an accelerator, and deleting it only costs time.
 
-The features are computed in the stage's process (TensorFlow uses every core), or, with
-`runtime.executor: dask`, on the Dask cluster's workers: the extractor (its Keras config and
-weights) is sent once to every worker, each batch of images goes to one of them, and the
-features come back in order, the same bytes either way (tests/e2e/test_dask_stages.py). A TF Hub
-backbone cannot be rebuilt from its config on a worker, so it is computed in the process.
+The features are computed one shard file at a time, in the stage's process (TensorFlow uses
+every core), or, with `runtime.executor: dask`, on the Dask cluster's workers: the extractor (its
+Keras config and weights) is sent once to every worker, each shard file with images not yet
+cached is one job, read by the worker itself (the shards must be at the same path there), and
+only the features come back, in order: the same bytes either way, in the same batches
+(tests/e2e/test_dask_stages.py). A TF Hub backbone cannot be rebuilt from its config on a
+worker, so it is computed in the process.
 """
 
 from __future__ import annotations
