@@ -16,8 +16,10 @@ Images are decoded and transformed on `runtime.workers` processes, or on a Dask 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +33,7 @@ from imgpipe.core.params import Ingest, Paths, Preprocess, Runtime
 from imgpipe.core.runner import stage_main
 from imgpipe.data import tables
 from imgpipe.data.parallel import Batches, available_cores
-from imgpipe.data.sources import Source
+from imgpipe.data.sources import Source, is_url
 from imgpipe.images.transforms import ChannelStats
 from imgpipe.model import encoding, shards
 
@@ -78,6 +80,11 @@ def write_shards(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime, 
     Source.from_params(ingest).close()  # a missing or unreadable source: an error before any work
     workers = runtime.workers or available_cores()
     with Batches(runtime.executor, workers, runtime.scheduler) as runner:
+        if runner.on_dask and not is_url(ingest.source):
+            # the workers start in their own folders, maybe on other machines, and must see the
+            # source's folder as this machine does (asked about one image, when the cluster is reached)
+            ingest = dataclasses.replace(ingest, source=os.path.abspath(ingest.source))
+            runner.needs([os.path.join(ingest.source, layout.any_path())], "ingest.source")
         mean = std = None
         if p.normalization == "standardize" and p.standardize_scope == "dataset":
             same_train = old is not None and {n: d for n, d in digests.items() if n.startswith("train-")} == {

@@ -202,9 +202,15 @@ def _on_cluster(cluster: Batches, batches: Iterable[list[Record]], root: str, ma
     a batch the cache knows whole is made here. At most `cluster.in_flight` batches in flight.
     """
     pending = collections.deque()
+    local = not is_url(root)
+    if local:  # the workers start in their own folders, maybe on other machines
+        root = os.path.abspath(root)
     for batch in batches:
         looked_up = _look_up(batch, root, max_pixels)
         if None in looked_up[1]:
+            if local:  # they must see the folder as this machine does: asked about one file, once
+                local = False
+                cluster.needs([os.path.join(root, batch[looked_up[1].index(None)].path)], "ingest.source")
             pending.append(cluster.submit(describe_files, (batch, root, max_pixels, looked_up)))
         else:
             pending.append(describe_files(batch, root, max_pixels, looked_up))

@@ -8,7 +8,10 @@ at a time, for callers that keep their own window. The same function on the same
 the same results whichever runs it, so the outputs do not depend on the executor.
 `share(obj)` hands every job one large object (a model's weights) without sending it with each
 job: `map(fn, jobs, shared)` calls `fn(shared_obj, *job)`; on Dask the object is sent once to
-every worker (`Client.scatter(broadcast=True)`).
+every worker (`Client.scatter(broadcast=True)`); `map(..., sent=f)` sends each job its own
+large object f(job) (a file's bytes) straight to the worker that runs it. `unseen(paths)` says which Dask workers do not
+see files as they are here: workers on other machines reach a local path only through a file
+system they share at the same path.
 
 - local: a `concurrent.futures` process pool; its workers are started by a fork server, so they
   never inherit the caller's threads (TensorFlow's, in preprocess).
@@ -29,6 +32,8 @@ import os
 import pickle
 from typing import Callable, Iterable, Iterator
 
+from imgpipe.core.errors import StageError
+
 log = logging.getLogger(__name__)
 DASK_JOBS_PER_WORKER = 8
 # Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to
@@ -36,7 +41,7 @@ DASK_JOBS_PER_WORKER = 8
 # maps and unmaps its buffers: ingest's per-file CPU was 1.2-1.45x that of a plain process here
 # (bench/RESULTS.md). The stage's own LocalCluster leaves it unset; other clusters are told.
 UNTRIMMED = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-_NOTHING = object()  # no shared object (never sent: a job without one gets no such argument)
+_NOTHING = object()  # no shared object (a job without one gets no such argument)
 
 
 def available_cores() -> int:
@@ -44,11 +49,30 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def file_stats(paths: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+    """(size, mtime in whole seconds) of each file, None if there is none: what a worker elsewhere must see
+    (whole seconds: a shared file system may store times more coarsely than the local disk)."""
+    out = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out[path] = (st.st_size, int(st.st_mtime))
+        except OSError:
+            out[path] = None
+    return out
+
+
+def _differing(stats: dict[str, tuple[int, int] | None]) -> list[str]:
+    """On a worker: the files of `stats` not as they are on the caller's machine."""
+    return [path for path, seen in file_stats(stats).items() if seen != stats[path]]
+
+
 class Batches:
     def __init__(self, executor: str = "local", workers: int = 1, scheduler: str = ""):
         self.executor, self.workers, self.scheduler = executor, max(workers, 1), scheduler
         self._pool = self._client = self._cluster = None
         self.where: collections.Counter = collections.Counter()  # jobs done per Dask worker address
+        self._needed: tuple[list[str], str] | None = None  # files the workers must see (`needs`)
         # jobs in flight per worker: a job's round trip through a Dask scheduler costs milliseconds
         # (14 ms at load 9 on 2 cores, bench/RESULTS.md), against 0.2 ms through a local pool's pipe
         self.in_flight = (DASK_JOBS_PER_WORKER if executor == "dask" else 2) * self.workers
@@ -84,6 +108,8 @@ class Batches:
                             "makes each file's work 1.2-1.45x the CPU (bench/RESULTS.md); start them with "
                             "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{\"MALLOC_TRIM_THRESHOLD_\": None}' "
                             "(docs/orchestration.md)", ",".join(sorted(trimmed)))
+            if self._needed:
+                self.require_seen(*self._needed)
         return self._client
 
     def _local_pool(self):
@@ -107,18 +133,49 @@ class Batches:
             return self._dask().scatter(obj, broadcast=True, hash=False)
         return obj
 
-    def map(self, fn: Callable, jobs: Iterable[tuple], shared=_NOTHING) -> Iterator:
-        """fn(*job) (or fn(shared, *job)) for each job, in order, with at most `in_flight` jobs in flight."""
+    def unseen(self, paths: Iterable[str]) -> dict[str, list[str]]:
+        """The files of `paths` each Dask worker does not see as this process does (missing, or of another
+        size or time), by worker address; {} on a local pool (this machine's processes). Workers that
+        join later are not asked."""
+        if not self.on_dask:
+            return {}
+        stats = file_stats(paths)
+        return {worker: bad for worker, bad in sorted(self._dask().run(_differing, stats).items()) if bad}
+
+    def require_seen(self, paths: Iterable[str], what: str) -> None:
+        """A StageError naming the workers that do not see `paths` (`what`: the param that names them, and
+        how else to reach them) before any job is sent, instead of a job failing on every file."""
+        unseen = self.unseen(paths)
+        if unseen:
+            raise StageError("; ".join(f"Dask worker {w} does not see {', '.join(bad[:3])} as this machine does"
+                                       for w, bad in unseen.items())
+                             + f": {what} must be on a file system the workers share, at the same path, or a URL")
+
+    def needs(self, paths: Iterable[str], what: str) -> None:
+        """`require_seen(paths, what)` once the cluster is reached (at the first job; now if it is)."""
+        self._needed = (list(paths), what)
+        if self._client is not None:
+            self.require_seen(*self._needed)
+
+    def map(self, fn: Callable, jobs: Iterable[tuple], shared=_NOTHING, window: int | None = None,
+            sent: Callable | None = None) -> Iterator:
+        """fn(*job) (or fn(shared, *job)) for each job, in order, with at most `window` jobs in flight
+        (`in_flight` by default; fewer for jobs that carry megabytes). `sent(job)`: a large object that
+        goes with each job, as fn([shared,] sent(job), *job); on Dask straight to a worker
+        (`Client.scatter`), which then runs the job, not through the scheduler inside the job."""
         pending: collections.deque = collections.deque()
         for job in jobs:
-            pending.append(self.submit(fn, job, shared))
-            if len(pending) >= self.in_flight:
+            handles = [] if shared is _NOTHING else [shared]
+            if sent is not None:
+                handles.append(self._dask().scatter(sent(job), hash=False) if self.on_dask else sent(job))
+            pending.append(self.submit(fn, job, *handles))
+            if len(pending) >= (window or self.in_flight):  # in_flight is known once connected
                 yield self.result(pending.popleft())
         while pending:
             yield self.result(pending.popleft())
 
-    def submit(self, fn: Callable, job: tuple, shared=_NOTHING):
-        """Start fn(*job), or fn(shared, *job) with a handle from `share` (with one worker: later, in
+    def submit(self, fn: Callable, job: tuple, *shared):
+        """Start fn(*job), or fn(*shared, *job) with handles from `share` (with one worker: later, in
         this process, when its result is asked for)."""
         if self.on_dask:
             # The job goes pickled, as one bytes argument: Dask's client walks every argument it
@@ -126,11 +183,9 @@ class Batches:
             # on batches of 1,024 file records that walk took almost half of ingest's process (a
             # cProfile: 800,784 calls, 5.4 s of 12 s). pure=False: two jobs with equal arguments
             # are still two jobs.
-            # The shared object's future is the one argument Dask resolves (to the worker's copy).
-            extra = () if shared is _NOTHING else (shared,)
-            return self._dask().submit(_on_worker, fn, pickle.dumps(job, pickle.HIGHEST_PROTOCOL), *extra, pure=False)
-        if shared is not _NOTHING:
-            job = (shared, *job)
+            # The shared objects' futures are the arguments Dask resolves (to the worker's copies).
+            return self._dask().submit(_on_worker, fn, pickle.dumps(job, pickle.HIGHEST_PROTOCOL), *shared, pure=False)
+        job = (*shared, *job)
         if self._local_pool() is not None:
             return self._pool.submit(fn, *job)
         return lambda: fn(*job)

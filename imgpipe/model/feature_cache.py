@@ -19,10 +19,11 @@ lives outside DVC's outputs: it is an accelerator, and deleting it only costs ti
 The features are computed one shard file at a time, in the stage's process (TensorFlow uses
 every core), or, with `runtime.executor: dask`, on the Dask cluster's workers: the extractor (its
 Keras config and weights) is sent once to every worker, each shard file with images not yet
-cached is one job, read by the worker itself (the shards must be at the same path there), and
-only the features come back, in order: the same bytes either way, in the same batches
-(tests/e2e/test_dask_stages.py). A TF Hub backbone cannot be rebuilt from its config on a
-worker, so it is computed in the process.
+cached is one job, and only the features come back, in order: the same bytes either way, in
+the same batches (tests/e2e/test_dask_stages.py). Workers that see the shard files as this
+machine does (the same machine, or a file system shared at the same path) read them
+themselves; if any does not, each file's bytes go with its job (fewer jobs in flight then). A
+TF Hub backbone cannot be rebuilt from its config on a worker, so it is computed in the process.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -135,15 +137,21 @@ def file_ids(file: str, shape: dict) -> np.ndarray:
     return np.concatenate([np.zeros(0, ID_DTYPE)] + [b["id"].astype(ID_DTYPE) for b in ds.as_numpy_iterator()])
 
 
-def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size: int):
+def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size: int, data: bytes | None = None):
     """(ids, features) of the images of shard `file` whose id is in `wanted`, in file order.
 
     `extractor` is a Keras model, or what `portable` made of one (rebuilt once per process). The
     images go to the backbone in batches of `batch_size` made the same way wherever this runs,
-    so the features are the same bits in the stage's process and on a Dask worker.
+    so the features are the same bits in the stage's process and on a Dask worker. `data`: the
+    file's bytes, for a worker that does not see `file` (read from a copy in a temporary folder).
     """
     import tensorflow as tf
 
+    if data is not None:
+        with tempfile.TemporaryDirectory(prefix="imgpipe-shard-") as tmp:
+            copy = Path(tmp) / Path(file).name
+            copy.write_bytes(data)
+            return embed_file(extractor, str(copy), shape, wanted, batch_size)
     if isinstance(extractor, tuple):
         extractor = _rebuilt(*extractor)
     parse = shards.parse_batch(shape, ("image", "id"))
@@ -166,6 +174,15 @@ def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size
         flush()
     dim = int(extractor.output_shape[-1])
     return np.concatenate([np.zeros(0, ID_DTYPE)] + ids), np.concatenate([np.zeros((0, dim), np.float32)] + features)
+
+
+def _file_bytes(job: tuple) -> bytes:
+    return Path(job[0]).read_bytes()
+
+
+def embed_sent(extractor, data: bytes, file: str, shape: dict, wanted: np.ndarray, batch_size: int):
+    """embed_file on a worker that was sent the file's bytes (`Batches.map(..., sent=...)`)."""
+    return embed_file(extractor, file, shape, wanted, batch_size, data)
 
 
 def portable(extractor) -> tuple[str, str, list[np.ndarray]] | None:
@@ -206,7 +223,14 @@ def _computed(jobs: list[tuple], extractor, runner):
         for job in jobs:
             yield embed_file(extractor, *job)
         return
-    yield from runner.map(embed_file, jobs, runner.share(spec))
+    shared, sent = runner.share(spec), None
+    unseen = runner.unseen(job[0] for job in jobs)
+    if unseen:
+        log.info("embedding cache: Dask workers %s do not see the shard files as this machine does (%s): each "
+                 "file's bytes go with its job", ", ".join(unseen), next(iter(unseen.values()))[0])
+        sent = _file_bytes
+    # with the files' bytes, 2 jobs a worker in flight: a shard file is tens of megabytes
+    yield from runner.map(embed_sent if sent else embed_file, jobs, shared, 2 * runner.workers if sent else None, sent)
     log.info("embedding cache: %d shard files computed on the Dask cluster (files per worker: %s)", len(jobs),
              dict(runner.where))
 

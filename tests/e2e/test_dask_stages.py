@@ -4,6 +4,7 @@ of two worker processes, and on `dask scheduler` + `dask worker` processes start
 a user starts them on several machines, one of which is killed half-way."""
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 
+from imgpipe.core.errors import StageError
 from imgpipe.core.params import Split, params_from_dict
 from imgpipe.data import ingestion
 from imgpipe.data.parallel import Batches
@@ -143,27 +145,45 @@ def train_params(world, name: str, **runtime):
         "runtime": {"train_cache_dir": str(world / name / "cache"), **runtime}})
 
 
-def test_the_embedding_cache_is_computed_on_the_cluster_with_the_same_bytes(world, local, cluster, caplog):
+def train_run(p) -> str:
+    """Train's log, at INFO (a module's fixture has no caplog)."""
+    stream, root = io.StringIO(), logging.getLogger()
+    handler, level = logging.StreamHandler(stream), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        train.run(p.train, p.paths, p.base, p.runtime)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return stream.getvalue()
+
+
+def trained(world, name: str) -> tuple[Path, str]:
+    """The one embedding cache file of run `name`, and its training log."""
+    (cached,) = (world / name / "cache" / "embeddings").glob("*.npy")
+    return cached, (world / name / "train_log.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def trained_here(world, local):
     here = train_params(world, "train-here")
     rebalance.run(here.rebalance, here.paths)
-    for name, p in (("here", here),
-                    ("dask", train_params(world, "train-dask", executor="dask", scheduler=cluster.scheduler_address))):
-        caplog.clear()
-        with caplog.at_level(logging.INFO):
-            train.run(p.train, p.paths, p.base, p.runtime)
-        if name == "dask":
-            assert "shard files computed on the Dask cluster" in caplog.text, caplog.text
-            # the train and val shard files (64 images each), spread over both workers
-            assert len(set(cluster.scheduler_info["workers"]) & set(caplog.text.split("'"))) == 2, caplog.text
-        else:
-            assert "Dask" not in caplog.text
-    (cached_here,), (cached_dask,) = ([f for f in (world / f"train-{n}" / "cache" / "embeddings").glob("*.npy")]
-                                      for n in ("here", "dask"))
+    assert "Dask" not in train_run(here)
+    return trained(world, "train-here")
+
+
+def test_the_embedding_cache_is_computed_on_the_cluster_with_the_same_bytes(world, trained_here, cluster):
+    log = train_run(train_params(world, "train-dask", executor="dask", scheduler=cluster.scheduler_address))
+    assert "shard files computed on the Dask cluster" in log, log
+    assert "do not see the shard files" not in log  # the same machine: the workers read the files
+    # the train and val shard files (64 images each), spread over both workers
+    assert len(set(cluster.scheduler_info["workers"]) & set(log.split("'"))) == 2, log
+    (cached_here, log_here), (cached_dask, log_dask) = trained_here, trained(world, "train-dask")
     assert cached_here.name == cached_dask.name
     assert cached_here.read_bytes() == cached_dask.read_bytes()
     # the same features, so the same head: its training log, epoch by epoch
-    assert ((world / "train-here" / "train_log.csv").read_text()
-            == (world / "train-dask" / "train_log.csv").read_text())
+    assert log_here == log_dask
 
 
 def ingest_params(world, manifest: str, **runtime):
@@ -235,12 +255,23 @@ def test_the_workers_read_the_raw_images_from_s3(world, local, cluster, s3_sourc
 WORKER_ENV = {"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": '{"MALLOC_TRIM_THRESHOLD_": None}'}
 
 
-def start(*args: str, log: Path) -> subprocess.Popen:
+def start(*args: str, log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     # not what an in-process nanny (the `cluster` fixture's) left in os.environ: a user's shell
     inherited = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
     env = {**inherited, "PYTHONPATH": str(PROJECT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False", **WORKER_ENV}
-    return subprocess.Popen([str(Path(sys.executable).with_name("dask")), *args], cwd=PROJECT, env=env,
+    return subprocess.Popen([*prefix, str(Path(sys.executable).with_name("dask")), *args], cwd=PROJECT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_scheduler_and_worker_processes_on_loopback_survive_a_killed_worker(world, local, caplog, tmp_path):
@@ -288,11 +319,60 @@ def test_scheduler_and_worker_processes_on_loopback_survive_a_killed_worker(worl
         assert (world / "loopback.csv").read_bytes() == (world / "loopback-local.csv").read_bytes()
         assert "described on 2 Dask workers" in ingest_log, ingest_log
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_all(procs)
+
+
+def own_mounts_allowed() -> bool:
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def elsewhere(world, s3_source, tmp_path):
+    """A scheduler and two workers on loopback, one of them as on another machine without the test's
+    files: in its own mount namespace, the test's folder is an empty tmpfs. It reaches the S3 server
+    (the environment `s3_source` set). Yields the scheduler's address and that worker's."""
+    if not own_mounts_allowed():
+        pytest.skip("unshare --mount is not permitted here (it needs CAP_SYS_ADMIN)")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                   "--scheduler-file", str(scheduler_file), log=tmp_path / "scheduler.log")]
+    try:
+        assert eventually(scheduler_file.exists, timeout=60), (tmp_path / "scheduler.log").read_text()
+        worker = ("worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--no-dashboard",
+                  "--host", "127.0.0.1")
+        hide = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs imgpipe-elsewhere "$0" && exec "$@"', str(world))
+        procs.append(start(*worker, "--name", "elsewhere", log=tmp_path / "elsewhere.log", prefix=hide))
+        procs.append(start(*worker, "--name", "here", log=tmp_path / "here.log"))
+        with Client(scheduler_file=str(scheduler_file)) as client:
+            assert eventually(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60), \
+                (tmp_path / "elsewhere.log").read_text()
+            (hidden,) = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "elsewhere"]
+            yield client.scheduler.address, hidden
+    finally:
+        stop_all(procs)
+
+
+def test_a_worker_that_does_not_see_the_files(world, local, trained_here, elsewhere, s3_source, caplog):
+    """A worker on a machine without the local folders: a local source is one clear error before any job;
+    the photos at an S3 URL give the same shards; the shard files go with the embedding jobs."""
+    address, hidden = elsewhere
+    on_cluster = {"executor": "dask", "scheduler": address}
+    unseen = (rf"Dask worker {hidden} does not see {world}/src/\S+ as this machine does: "
+              "ingest.source must be on a file system the workers share, at the same path, or a URL")
+    with pytest.raises(StageError, match=unseen):
+        run_ingest(ingest_params(world, "elsewhere.csv", **on_cluster), caplog)
+    assert not (world / "elsewhere.csv").exists()
+    with pytest.raises(StageError, match=unseen):
+        run(params(world, "elsewhere-shards", **on_cluster), caplog)
+
+    log = run(params(world, "elsewhere-s3", source=s3_source, **on_cluster), caplog)
+    assert folder_bytes(world / "elsewhere-s3") == local
+    assert "decoded on 2 Dask workers" in log, log
+
+    log = train_run(train_params(world, "train-elsewhere", **on_cluster))
+    assert f"Dask workers {hidden} do not see the shard files as this machine does" in log, log
+    assert hidden in log.split("files per worker: ")[1], log  # that worker computed some of them
+    (cached_here, log_here), (cached, train_log) = trained_here, trained(world, "train-elsewhere")
+    assert cached.read_bytes() == cached_here.read_bytes()
+    assert train_log == log_here
