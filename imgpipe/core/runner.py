@@ -34,14 +34,17 @@ def stage_main(stage: ModuleType, argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{name}: %(message)s")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         run_stage(stage, load_params(args.params))
     except (ParamsError, StageError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
     # the stage's own work, then the whole process: start-up and imports too (seconds for Great
-    # Expectations or TensorFlow), so that a caller's wall time less it is the caller's (DVC's) own
+    # Expectations or TensorFlow), so that a caller's wall time less it is the caller's (DVC's) own;
+    # then the CPU this process (its threads, not its workers) spent on the work: the part that
+    # does not spread over a Dask cluster's machines
     process = time.time() - psutil.Process().create_time()
-    logging.getLogger(name).info("done in %.2f s (process %.2f s)", time.perf_counter() - started, process)
+    logging.getLogger(name).info("done in %.2f s (process %.2f s); CPU of this process in it %.2f s",
+                                 time.perf_counter() - started, process, time.process_time() - cpu)
     return 0

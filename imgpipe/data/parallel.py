@@ -9,9 +9,9 @@ the same results whichever runs it, so the outputs do not depend on the executor
 `share(obj)` hands every job one large object (a model's weights) without sending it with each
 job: `map(fn, jobs, shared)` calls `fn(shared_obj, *job)`; on Dask the object is sent once to
 every worker (`Client.scatter(broadcast=True)`); `map(..., sent=f)` sends each job its own
-large object f(job) (a file's bytes) straight to the worker that runs it. `unseen(paths)` says which Dask workers do not
-see files as they are here: workers on other machines reach a local path only through a file
-system they share at the same path.
+large object f(job) (a file's bytes) straight to the worker that runs it. `unseen(paths)` says
+which Dask workers do not see files as they are here: workers on other machines reach a local
+path only through a file system they share at the same path.
 
 - local: a `concurrent.futures` process pool; its workers are started by a fork server, so they
   never inherit the caller's threads (TensorFlow's, in preprocess).
