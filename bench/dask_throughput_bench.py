@@ -25,6 +25,14 @@ part that does not spread over machines), and whether the output is byte for byt
 Then a micro-benchmark: one job per batch of 256 paths, doing nothing but count them, on the
 local pool and on the cluster, so the per-batch cost of each is seen alone.
 
+On paper (`paper` in the report): on the running cluster, the CPU the workers (nanny and worker
+processes, psutil) and the scheduler spend per image and per job, and the CPU of the stage's own
+process in its run() (its log line; TensorFlow's import, measured alone, taken out of
+preprocess's), give the expected wall time of ingest + preprocess for 10 million images on 1, 4
+and 16 machines of this machine's cores: the workers' and the stage's process's CPU spread over
+every core, but never less than the stage's own process (one process, whatever the cluster) or
+the scheduler; a lower bound, set against the measured run() on one machine.
+
     .venv/bin/python bench/dask_throughput_bench.py --dataset fashion100k --rounds 2
 """
 
@@ -44,6 +52,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import ROOT, SHARED, environment, fashion_splits, run_stage, write_params  # noqa: E402
@@ -156,9 +165,30 @@ def timed_stage(folder: Path, stage: str, params: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
     user, system, rss = re.findall(r"^TIME ([0-9.]+) ([0-9.]+) (\d+)$", proc.stderr, re.M)[-1]
-    work = re.search(rf"{stage}: done in ([0-9.]+) s", proc.stderr)
-    return {"wall": round(wall, 2), "run": float(work.group(1)) if work else None,
+    work = re.search(rf"{stage}: done in ([0-9.]+) s .*; CPU of this process in it ([0-9.]+) s", proc.stderr)
+    return {"wall": round(wall, 2), "run": float(work.group(1)), "own_cpu": float(work.group(2)),
             "cpu": round(float(user) + float(system), 2), "peak_mb": round(int(rss) / 1024)}
+
+
+def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+    """User + system CPU so far of these processes and every process under them (a nanny's worker)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            parent = psutil.Process(proc.pid)
+            for p in [parent, *parent.children(recursive=True)]:
+                times = p.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def tensorflow_import_cpu() -> float:
+    """CPU seconds of `import tensorflow` alone: part of preprocess's run(), paid once per run."""
+    code = "import time; t = time.process_time(); import tensorflow; print(time.process_time() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], env=environment(), capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
 
 
 def per_batch_cost(address: str, batches: int = 400, size: int = 256) -> dict:
@@ -181,8 +211,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="fashion100k")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only print the report of the last run's results.json")
     args = parser.parse_args()
 
+    if args.report:
+        return report(json.loads((ROOT / "throughput" / args.dataset / "results.json").read_text()))
     folder = prepare(args.dataset)
     files = sum(1 for _ in open(folder / "data/interim/manifest.csv")) - 1
     print(f"{args.dataset}: {files} files; load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -202,8 +235,13 @@ def main() -> None:
             for stage in ("ingest", "preprocess"):
                 for variant in VARIANTS:
                     shutil.rmtree(folder / f"data/shards-{variant}", ignore_errors=True)
+                    watched = {"cluster": procs, "cluster-trimmed": trimmed_procs}.get(variant, [])
+                    before = (cpu_seconds(watched[1:]), cpu_seconds(watched[:1]))
                     row = {"round": round_, "stage": stage, "variant": variant,
                            **timed_stage(folder, stage, params[variant])}
+                    if watched:  # the running cluster's workers and scheduler, during this run
+                        row["workers_cpu"] = round(cpu_seconds(watched[1:]) - before[0], 2)
+                        row["scheduler_cpu"] = round(cpu_seconds(watched[:1]) - before[1], 2)
                     out = folder / (f"data/interim/manifest-{variant}.csv" if stage == "ingest"
                                     else f"data/shards-{variant}")
                     row["digest"] = output_digest(out)
@@ -211,11 +249,71 @@ def main() -> None:
                     print(f"  round {round_} {stage:10s} {variant:13s} wall {row['wall']:6.1f} s, run() "
                           f"{row['run']:6.1f} s, cpu {row['cpu']:6.1f} s, peak {row['peak_mb']} MB", flush=True)
         results["per_batch"] = per_batch_cost(address)
+        results["tf_import_cpu"] = tensorflow_import_cpu()
+        results["jobs"] = jobs(folder, args.dataset)
+        results["images"] = sum(json.loads((folder / "data/shards-cluster/meta.json").read_text())["counts"].values())
         results["load"].append(os.getloadavg()[0])
     finally:
         stop(procs + trimmed_procs)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))  # first: the report can be made again
     report(results)
-    (folder / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def jobs(folder: Path, dataset: str) -> dict[str, int]:
+    """The jobs each stage sends to Dask: ingest's batches of files, preprocess's per shard file."""
+    from imgpipe.core.params import Preprocess
+    from imgpipe.data.ingestion import DASK_CHUNKSIZE
+    from imgpipe.model.encoding import job_size
+
+    files = sum(1 for _ in open(folder / "data/interim/manifest-cluster.csv")) - 1
+    size = job_size(True, Preprocess(size=DATASETS[dataset].get("preprocess.size", [32, 32])))
+    meta = json.loads((folder / "data/shards-cluster/meta.json").read_text())
+    return {"ingest": -(-files // DASK_CHUNKSIZE),
+            "preprocess": sum(-(-entry["count"] // size) for entry in meta["shards"].values())}
+
+
+def paper(r: dict, images: int = 10_000_000, machines=(1, 4, 16)) -> None:
+    """Expected wall time for `images` on machines of this one's cores, from the `cluster` runs' figures.
+
+    The model: the workers' CPU and the stage's own process's CPU spread over every core of the
+    machines, but never less than the stage's own process alone (one process on one core,
+    whatever the cluster) nor the scheduler's CPU for every job. It assumes the two overlap
+    perfectly, so it is a lower bound; on one machine it is set against the measured run() scaled.
+    """
+    cores = len(os.sched_getaffinity(0))
+    counts = {"ingest": r["files"], "preprocess": r["images"]}
+    print(f"\non paper: {images:,} images like these, machines of {cores} cores (medians of the `cluster` runs)\n")
+    print("| stage | workers' CPU ms/image | stage's process CPU ms/image | scheduler CPU ms/job (jobs) | "
+          "1 machine, measured (run() scaled): local pool / cluster | "
+          + " | ".join(f"{m} machine{'s' if m > 1 else ''}, model" for m in machines)
+          + " | measured / model on 1 machine | stage's process the bound from |")
+    print("|---|---|---|---|---|" + "---|" * len(machines) + "---|---|")
+    totals, measured_totals = [0.0] * len(machines), [0.0, 0.0]
+    for stage in ("ingest", "preprocess"):
+        rows = [x for x in r["runs"] if x["stage"] == stage and x["variant"] == "cluster"]
+        n = counts[stage]
+        worker = float(np.median([x["workers_cpu"] for x in rows])) / n
+        own_fixed = r["tf_import_cpu"] if stage == "preprocess" else 0.0
+        own = max(float(np.median([x["own_cpu"] for x in rows])) - own_fixed, 0.0) / n
+        scheduler = float(np.median([x["scheduler_cpu"] for x in rows])) / r["jobs"][stage]
+        per_job = n / r["jobs"][stage]
+        measured = [float(np.median([x["run"] for x in r["runs"] if x["stage"] == stage and x["variant"] == v]))
+                    * images / n for v in ("local", "cluster")]
+        measured_totals = [a + b for a, b in zip(measured_totals, measured)]
+        cells = [" / ".join(f"{m / 60:,.0f} min" for m in measured)]
+        model = []
+        for i, m in enumerate(machines):
+            seconds = max((worker + own) * images / (m * cores), own * images, scheduler * images / per_job)
+            totals[i] += seconds
+            model.append(seconds)
+            cells.append(f"{seconds / 60:,.0f} min")
+        # the cores of workers from which the stage's own process is the bound
+        bound = worker / own if own else float("inf")
+        print(f"| {stage} | {worker * 1e3:.3f} | {own * 1e3:.3f} | {scheduler * 1e3:.2f} ({r['jobs'][stage]}) | "
+              + " | ".join(cells) + f" | {measured[1] / model[0]:.2f} | {bound:.1f} cores |")
+    print("| both | | | | " + " / ".join(f"{m / 60:,.0f} min" for m in measured_totals) + " | "
+          + " | ".join(f"{t / 60:,.0f} min" for t in totals) + f" | {measured_totals[1] / totals[0]:.2f} | |")
+    print(f"(TensorFlow's import, {r['tf_import_cpu']:.1f} CPU s, is taken out of preprocess's own process)")
 
 
 def report(r: dict) -> None:
@@ -236,6 +334,7 @@ def report(r: dict) -> None:
     pb = r["per_batch"]
     print(f"\nper batch of 256 paths doing nothing: local pool {pb['local'] * 1e3:.2f} ms, "
           f"cluster {pb['cluster'] * 1e3:.2f} ms")
+    paper(r)
 
 
 if __name__ == "__main__":
