@@ -84,7 +84,9 @@ def write_shards(p: Preprocess, paths: Paths, ingest: Ingest, runtime: Runtime, 
             # the workers start in their own folders, maybe on other machines, and must see the
             # source's folder as this machine does (asked about one image, when the cluster is reached)
             ingest = dataclasses.replace(ingest, source=os.path.abspath(ingest.source))
-            runner.needs([os.path.join(ingest.source, layout.any_path())], "ingest.source")
+            one = layout.any_path()
+            if one is not None:
+                runner.needs([os.path.join(ingest.source, one)], "ingest.source")
         mean = std = None
         if p.normalization == "standardize" and p.standardize_scope == "dataset":
             same_train = old is not None and {n: d for n, d in digests.items() if n.startswith("train-")} == {

@@ -105,9 +105,10 @@ class Layout:
         if current is not None and (wanted is None or current in wanted):
             yield current, rows
 
-    def any_path(self) -> str:
-        """The path of one image in the shards (which one is left to DuckDB)."""
-        return self.con.execute("SELECT path FROM split WHERE split IN ('train', 'val', 'test') LIMIT 1").fetchall()[0][0]
+    def any_path(self) -> str | None:
+        """The path of one image in the shards (which one is left to DuckDB); None if there is none."""
+        rows = self.con.execute("SELECT path FROM split WHERE split IN ('train', 'val', 'test') LIMIT 1").fetchall()
+        return rows[0][0] if rows else None
 
     def members(self, names) -> Iterator[tuple[str, pd.DataFrame]]:
         """(name, its images: id, y, path, arrival, in arrival order) of each file of `names`, in
