@@ -10,6 +10,11 @@ Each step runs the seven stages one by one, `dvc repro --single-item <stage>` in
 DVC repository (a clone of the project's files, as tests/e2e does), and times each. Right after,
 the same command again, with nothing left to do, gives DVC's own fixed cost for that stage
 (reading dvc.yaml/params, checking the deps' and outs' hashes from its state database, the lock).
+Before +1% and before -1%, the model the gate blessed last seeds the warm start, as the
+nightly flow does when new raw data arrives (flows/warm_start.py), so train runs only
+train.warm_start_epochs epochs from it; at the end, train and evaluate run once more on the -1%
+data from nothing (train.warm_start: false), for the time and test accuracy the warm start saves
+and costs (`--cold`: no warm start at all).
 After the last step, the data stages are run from nothing (no outputs, the same split state, a
 copy of the same raw folder) and their outputs compared byte for byte with the incremental ones.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +49,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workspace import ROOT, SHARED, environment, fashion_splits  # noqa: E402
+from flows.warm_start import seed  # noqa: E402
+from imgpipe.model.warm_start import MODEL  # noqa: E402
 from tests.e2e.test_pipeline import make_origin, set_params  # noqa: E402
 
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
@@ -53,7 +61,7 @@ DATA_STAGES = STAGES[:5]
 PARAMS = {"split.method": "hash", "split.max_train_per_class": 0, "split.max_val_per_class": 0,
           "preprocess.colour_mode": "rgb", "preprocess.size": [96, 96]}
 # the log lines that say how much per-image work a stage did
-WORK_LINES = r"inputs listed|shard files kept|nothing to write|embedding cache|predictions:|accepted \d+|set aside"
+WORK_LINES = r"inputs listed|shard files kept|nothing to write|embedding cache|predictions:|accepted \d+|set aside|warm start"
 # what the from-nothing run is compared on (the data stages' outputs)
 COMPARED = ("data/interim/manifest.csv", "data/interim/accepted.csv", "data/interim/split.csv",
             "data/interim/split_state.csv", "data/shards", "data/rebalance")
@@ -131,10 +139,24 @@ def step(name: str, repo: Path, env: dict, stages=STAGES) -> dict:
     row["shard_files_untouched"] = sum(1 for n, v in after_shards.items() if n != "meta.json" and before_shards.get(n) == v)
     split = pd.read_csv(repo / "data/interim/split.csv", usecols=["id", "assigned", "split"])
     row["images"] = {"accepted": len(split), **split["split"].value_counts().to_dict()}
+    metrics = repo / "reports" / "metrics.json"
+    if "evaluate" in stages and metrics.is_file():
+        row["accuracy"] = json.loads(metrics.read_text())["accuracy"]
     if before_state is not None:
         both = before_state.merge(split, on="id", suffixes=("_before", ""))
         row["moved"] = int((both["assigned_before"].fillna("") != both["assigned"].fillna("")).sum())
     return row
+
+
+def seed_warm_start(repo: Path, env: dict) -> None:
+    """What the nightly flow does when new raw data arrives (flows/warm_start.py): the last blessed
+    model into paths.warm_start, `dvc add`-ed (the flow also commits it; the bench commits nothing)."""
+    record = seed(repo, "models/model.keras", "models/blessed.json", "data/shards", "models/warm_start",
+                  logging.getLogger("bench"))
+    print(f"  warm start seeded: {record and record['md5']}", flush=True)
+    if record:
+        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", f"models/warm_start/{MODEL}"], cwd=repo, env=env,
+                       check=True, capture_output=True)
 
 
 def same_tree(a: Path, b: Path) -> list[str]:
@@ -148,6 +170,9 @@ def same_tree(a: Path, b: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["flowers5x", "fashion"], default="flowers5x")
+    parser.add_argument("--cold", action="store_true",
+                        help="no warm start (by default the model blessed after each step seeds the next training, "
+                             "as the nightly flow does, and -1% is trained once more from nothing to compare)")
     parser.add_argument("--out", default=None, help="the figures as JSON (default: incremental-<dataset>.json in the benchmark folder)")
     args = parser.parse_args()
 
@@ -185,16 +210,27 @@ def main() -> None:
     set_params(repo, {"runtime.ingest_cache_dir": str(work / "cache" / "ingest"),
                       "runtime.train_cache_dir": str(work / "cache" / "train")})
 
+    warm = "train" in stages and not args.cold
     rows = [step("full", repo, env, stages)]
     for f in new_files:
         dst = raw / f.relative_to(extra)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.link(f, dst)
+    if warm:
+        seed_warm_start(repo, env)
     rows.append(step("+1%", repo, env, stages))
     removed = [raw / f.relative_to(big) for f in files[7::100]][:len(new_files)]
     for f in removed:
         f.unlink()
+    if warm:
+        seed_warm_start(repo, env)
     rows.append(step("-1%", repo, env, stages))
+    cold = None
+    if warm:
+        # the same data as -1%, trained from nothing: what the warm start saves, and what it costs in accuracy
+        set_params(repo, {"train.warm_start": False})
+        cold = step("-1% from nothing", repo, env, ("train", "evaluate"))
+        set_params(repo, {"train.warm_start": True})
 
     # from nothing on the same inputs: the same raw files and split state, no other output, no cache
     scratch = work / "scratch"
@@ -210,7 +246,7 @@ def main() -> None:
     differ = [d for name in COMPARED for d in same_tree(repo / name, scratch / name)]
     result = {"dataset": args.dataset, "files": len(files), "new": len(new_files), "removed": len(removed),
               "params": params, "stages": list(stages), "steps": rows, "scratch": scratch_row,
-              "differ_from_scratch": differ, "load": os.getloadavg()}
+              "differ_from_scratch": differ, "load": os.getloadavg(), "cold": cold}
     out = Path(args.out or ROOT / f"incremental-{args.dataset}.json")
     out.write_text(json.dumps(result, indent=1))
     report(result)
@@ -263,6 +299,14 @@ def report(r: dict) -> None:
         print(f"{row['step']}: images {row['images']}; moved {row.get('moved', '-')}; shard files "
               f"{row['shard_files']}, untouched {row['shard_files_untouched']}")
     print(f"differ from a run from nothing: {r['differ_from_scratch'] or 'none'}")
+    accuracies = [f"{row['step']} {row['accuracy']:.4f}" for row in r["steps"] if "accuracy" in row]
+    if accuracies:
+        print("test accuracy: " + ", ".join(accuracies))
+    cold = r.get("cold")
+    if cold:
+        t = cold["stages"]["train"]
+        print(f"-1% trained from nothing: train {t['seconds']:.1f} s (process {t['process']:.2f}, run() {t['work']:.2f}), "
+              f"test accuracy {cold.get('accuracy', float('nan')):.4f}")
 
 
 if __name__ == "__main__":

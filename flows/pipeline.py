@@ -6,9 +6,11 @@ up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, sched
 (the data-quality summary after `validate`, the test metrics after `evaluate`: flows/artifacts.py).
 
 With `version_data` (the nightly deployment's default) a run first versions new raw data with
-`dvc add` and git, and commits dvc.lock after its stages (flows/versioning.py): each run is a
-commit. Every DVC command waits while another process works in the repository (a `dvc repro`
-at a desk), up to `lock_timeout_seconds` (flows/dvc_cli.py), rather than failing half-way.
+`dvc add` and git, then (on new data, train.warm_start on) the last blessed model as the next
+training's starting point (flows/warm_start.py), and commits dvc.lock after its stages
+(flows/versioning.py): each run is a commit. Every DVC command waits while another process
+works in the repository (a `dvc repro` at a desk), up to `lock_timeout_seconds`
+(flows/dvc_cli.py), rather than failing half-way.
 
     imgpipe flow run [--repo PATH] [--retries N] [--retry-delay SECONDS] [--version-data]
                      [--lock-timeout SECONDS]
@@ -25,6 +27,7 @@ from flows.artifacts import PUBLISHERS
 from flows.dag import stage_order
 from flows.dvc_cli import RepositoryBusy, run_dvc_when_free
 from flows.versioning import check_worktree, commit_run, version_raw_data
+from flows.warm_start import refresh_warm_start
 
 # How long each DVC command waits for another process working in the repository: a whole
 # pipeline run at a desk takes about 15 minutes with the defaults.
@@ -91,7 +94,9 @@ def pipeline(
     A failing stage fails its task run and the flow run; no later stage starts.
 
     `version_data`: first refuse uncommitted work, `dvc add` the raw data and commit its `.dvc`
-    files; after the stages, commit dvc.lock and the outputs git keeps (flows/versioning.py).
+    files; when that found new data, seed the warm start with the last blessed model and commit
+    it (flows/warm_start.py); after the stages, commit dvc.lock and the outputs git keeps
+    (flows/versioning.py).
     Each DVC command waits up to `lock_timeout_seconds` while another process works in the
     repository; then the run fails, naming that process, before the command starts.
     """
@@ -105,7 +110,9 @@ def pipeline(
             retry_delay_seconds=exponential_backoff(retry_delay_seconds),
             retry_condition_fn=_not_busy,
         )
-        version(repo, lock_timeout_seconds)
+        if version(repo, lock_timeout_seconds):
+            # new raw data: the next training starts from the last blessed model (flows/warm_start.py)
+            refresh_warm_start(repo, lock_timeout_seconds)
     results = {}
     # One stage at a time: `dvc repro` locks the repository, so two stages cannot run side by
     # side, and calling the task directly raises at the first failure, so no later stage starts.

@@ -148,7 +148,7 @@ def commit(repo: str, paths: set[str], message: str) -> str | None:
     return _git(top, "rev-parse", "--short", "HEAD").strip()
 
 
-def _run_label() -> str:
+def run_label() -> str:
     """The Prefect flow run doing this, for commit messages."""
     name = flow_run.name or "?"
     return f"{name} of deployment {deployment.name}" if deployment.name else name
@@ -236,7 +236,7 @@ def version_raw_data(repo: str, lock_timeout: float) -> str | None:
     diff = _diff(repo, changed, lock_timeout)
     what = describe_changes(data_changes(diff, changed)) if diff is not None else ", ".join(changed)
     gitignores = {os.path.join(os.path.dirname(t), ".gitignore") for t in changed}
-    message = f"Version raw data: {what}\n\nBy the Prefect flow run {_run_label()}, before its stages ran."
+    message = f"Version raw data: {what}\n\nBy the Prefect flow run {run_label()}, before its stages ran."
     sha = commit(repo, set(data) | gitignores, message)
     logger.info("versioned %s: commit %s", what, sha)
     return sha
@@ -258,7 +258,7 @@ def commit_run(repo: str, results: dict[str, dict]) -> str | None:
     ran = [stage for stage, result in results.items() if result["status"] == "ran"]
     skipped = [stage for stage, result in results.items() if result["status"] != "ran"]
     message = (
-        f"Pipeline run {_run_label()}: {'ran ' + ', '.join(ran) if ran else 'no stage ran'}\n\n"
+        f"Pipeline run {run_label()}: {'ran ' + ', '.join(ran) if ran else 'no stage ran'}\n\n"
         f"Skipped (up to date): {', '.join(skipped) or 'none'}. Committed by the flow: dvc.lock "
         "and the outputs git keeps, as the run left them."
     )

@@ -35,6 +35,7 @@ class Paths:
     shards: str = "data/shards"
     rebalance: str = "data/rebalance"
     model: str = "models/model.keras"
+    warm_start: str = "models/warm_start"
     train_log: str = "reports/train_log.csv"
     reports: str = "reports"
     data_quality: str = "reports/data_quality"
@@ -213,6 +214,8 @@ class Train:
     warmup_epochs: float = 1.0
     ema_momentum: float = 0.0
     jit_compile: bool = False
+    warm_start: bool = True
+    warm_start_epochs: int = 2
 
     @property
     def pretrained(self) -> bool:
@@ -312,6 +315,9 @@ class Train:
         if self.jit_compile and self.deterministic:
             raise ParamsError("train.jit_compile needs train.deterministic: false (Keras compiles nothing with XLA "
                               "while TensorFlow's op determinism is on)")
+        if self.warm_start_epochs < 1:
+            raise ParamsError(f"train.warm_start_epochs must be >= 1, got {self.warm_start_epochs} "
+                              "(set train.warm_start: false to always train from nothing)")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ParamsError(f"train.ema_momentum must be >= 0 (0 = off) and < 1, got {self.ema_momentum}")
 

@@ -24,6 +24,9 @@ A run keeps its state in <runtime.train_cache_dir>/runs/<fingerprint of its inpu
 BackupAndRestore backup of the current phase, the weights after phase 1, the best epoch's
 weights, and the log so far. A killed run re-run with the same inputs resumes from its last
 finished epoch; a finished run deletes the folder.
+
+With train.warm_start and a model in paths.warm_start that fits (imgpipe/model/warm_start.py),
+the run begins from its weights and runs only its last phase, for train.warm_start_epochs epochs.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from imgpipe.model import backbones
 from imgpipe.model import cluster as clusters
 from imgpipe.model import feature_cache
 from imgpipe.model import shards
+from imgpipe.model import warm_start
 from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.errors import StageError
 from imgpipe.model.builder import Classifier, build, compile_for_training
@@ -254,6 +258,9 @@ def run_fingerprint(train: Train, seed: int, paths: Paths) -> str:
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode())
     # the shards: their metadata and each file's size and time, not their bytes (cheap on any data set)
     digest.update(shards.stamp(paths.shards).encode())
+    # the weights a warm start begins from
+    record = warm_start.read_record(paths.warm_start) if train.warm_start else None
+    digest.update((record["md5"] if record else "").encode())
     # the model package's code shapes a run: a resumed run must be the same program
     code = sorted(Path(__file__).parent.glob("*.py"))
     for path in [rebalance / "plan.json", rebalance / "copies.csv", *code]:
@@ -443,6 +450,14 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         with precision(train.mixed_precision):
             clf = build(len(meta["classes"]), (meta["height"], meta["width"], meta["channels"]), train,
                         meta["preprocess"]["normalization"], seed)
+        # a warm start runs only the last phase, for fewer epochs (imgpipe/model/warm_start.py)
+        head_epochs, tune_epochs = train.epochs, train.fine_tune_epochs
+        warm = warm_start.load_into(clf.model, paths.warm_start, meta["classes"]) if train.warm_start else None
+        if warm is not None:
+            head_epochs, tune_epochs = (0, train.warm_start_epochs) if tune_epochs else (train.warm_start_epochs, 0)
+            log.info("warm start from %s (md5 %s, blessed %s): %s only, %d epochs", Path(paths.warm_start),
+                     warm["md5"], warm.get("blessed_at"), "fine-tuning" if tune_epochs else "phase 1",
+                     train.warm_start_epochs)
         best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
         cached = train.embedding_cache and train.pretrained and not train.augments_phase1
         if cached and cluster is not None:
@@ -468,30 +483,32 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         if phase_one.is_file():
             clf.model.load_weights(run_dir / "phase1.weights.h5")
             next_epoch = json.loads(phase_one.read_text())["next_epoch"]
+        elif not head_epochs:
+            next_epoch = 0
         else:
             if cached:
                 (data, val), fitted = cached_datasets(clf, train, seed, paths, meta, copies, runtime), clf.head
             else:
                 augmented = train.augments_phase1
                 (data, val), fitted = image_data(augmented), clf.training if augmented else clf.model
-            compile_for_training(fitted, train.learning_rate, train, steps, train.epochs)
+            compile_for_training(fitted, train.learning_rate, train, steps, head_epochs)
             if cluster is not None:
                 clusters.adapt_for_fit(fitted)
             phase = "head" if train.pretrained else "scratch"
-            next_epoch = fit_phase(fitted, data, val, (0, train.epochs), phase, run_dir, train, best, class_weight,
+            next_epoch = fit_phase(fitted, data, val, (0, head_epochs), phase, run_dir, train, best, class_weight,
                                    fixed_steps)
             clf.model.save_weights(run_dir / "phase1.weights.h5")
             write_json(phase_one, {"next_epoch": next_epoch})
 
         # Phase 2: fine-tune the top of the backbone on the images, at a lower learning rate
         # (large updates would destroy the pretrained features the head was fitted to).
-        if train.fine_tune_epochs:
+        if tune_epochs:
             backbones.unfreeze_top(clf.backbone.network, train.fine_tune_layers)
-            compile_for_training(clf.training, train.fine_tune_learning_rate, train, steps, train.fine_tune_epochs)
+            compile_for_training(clf.training, train.fine_tune_learning_rate, train, steps, tune_epochs)
             if cluster is not None:
                 clusters.adapt_for_fit(clf.training)
             data, val = image_data(train.augments)
-            epochs = (next_epoch, next_epoch + train.fine_tune_epochs)
+            epochs = (next_epoch, next_epoch + tune_epochs)
             fit_phase(clf.training, data, val, epochs, "fine_tune", run_dir, train, best, class_weight, fixed_steps)
 
     if train.restore_best:

@@ -386,10 +386,22 @@ def test_the_deployment_on_the_real_pipeline_picks_up_new_photos_and_moves_no_im
         second = finished(client, client.create_flow_run_from_deployment(deployment.id).id, timeout=900)
         assert second and second.state_type == StateType.COMPLETED, second and second.state
 
+        # (the warm start's model, seeded in this run after the stage list was read, is among
+        # the next run's data sources)
         statuses = stage_statuses(client, second.id, len(stage_names) + 1)
         assert statuses == {"data/raw/flowers-small.dvc": "skipped", **dict.fromkeys(stage_names, "ran")}, statuses
-        subjects = git(repo, "log", "--format=%s", "-3").splitlines()
-        assert subjects[1] == f"Version raw data: data/raw/flowers-small (+{len(added)} added)", subjects
+        subjects = git(repo, "log", "--format=%s", "-4").splitlines()
+        assert subjects[2] == f"Version raw data: data/raw/flowers-small (+{len(added)} added)", subjects
+        # the first run's model, blessed (a fresh project's first model has nothing to fall short
+        # of), is the second training's starting point, committed with its record
+        blessed = json.loads((repo / "models" / "blessed.json").read_text())["blessed"]
+        assert subjects[1].startswith(f"Warm start: the model blessed {blessed[0]['blessed_at']} (md5 {blessed[0]['md5']}")
+        assert sorted(git(repo, "show", "--name-only", "--format=", "HEAD~1").split()) == [
+            "models/warm_start/.gitignore", "models/warm_start/model.keras.dvc", "models/warm_start/warm_start.json"]
+        epochs = yaml.safe_load((repo / "params.yaml").read_text())["train"]["warm_start_epochs"]
+        started_from = f"warm start from models/warm_start (md5 {blessed[0]['md5']}"
+        assert started_from in logs_containing(client, second.id, started_from)
+        assert len((repo / "reports" / "train_log.csv").read_text().splitlines()) == 1 + epochs  # header + epochs
         after = split_table()
         assert set(added) <= set(after["path"])  # in the manifest, accepted and assigned
         assert (after.loc[before.index, "assigned"] == before["assigned"]).all()  # no image moved

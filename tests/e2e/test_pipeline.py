@@ -29,7 +29,7 @@ SHARED = PROJECT.parent / "shared"
 FLOWERS = SHARED / "datasets" / "flowers5-128px" / "flowers"
 WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 PROJECT_FILES = ["stages", "imgpipe", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 ".gitignore", "data/.gitkeep", "models/.gitkeep", "reports/.gitkeep",
+                 ".gitignore", "data/.gitkeep", "models/.gitkeep", "models/warm_start/README.md", "reports/.gitkeep",
                  "gx/great_expectations.yml", "gx/.gitignore", "web/package.json", "web/package-lock.json"]
 CLASSES = {"daisy": 40, "rose": 30, "tulip": 36}  # small, real and imbalanced
 
@@ -46,6 +46,8 @@ SMALL_RUN = {
     "preprocess.size": [48, 48],
     "train.backbone_size": 64,
     "train.epochs": 2,
+    # fewer than train.epochs: a warm-started run is told apart by its log
+    "train.warm_start_epochs": 1,
     "train.batch_size": 16,
     # no augmentation: phase 1 on cached features (the default flip trains on images, slower)
     "train.augment_flip": "none",

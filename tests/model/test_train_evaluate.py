@@ -99,6 +99,7 @@ def make_params(shards: Path, out: Path, rebalance: Path | None = None, **train_
                 "shards": str(shards),
                 "rebalance": str(rebalance or out / "rebalance"),
                 "model": str(out / "models" / "model.keras"),
+                "warm_start": str(out / "warm_start"),
                 "reports": str(out / "reports"),
                 "train_log": str(out / "reports" / "train_log.csv"),
             },
