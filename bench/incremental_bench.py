@@ -23,8 +23,8 @@ copy of the same raw folder) and their outputs compared byte for byte with the i
 held back and is the +1%; -1% deletes 1% of the others. Only the five data stages run (the
 training of the full set is issue 16's benchmark).
 
-Usage: .venv/bin/python bench/incremental_bench.py [--dataset flowers5x|fashion] [--out FILE]
-(flowers5x ~20 min on 2 cores, fashion ~10 min). Prints a markdown table; bench/RESULTS.md has
+Usage: .venv/bin/python bench/incremental_bench.py [--dataset flowers5x|fashion] [--cold] [--warm-epochs N] [--out FILE]
+(flowers5x 10-20 min on 2 cores, fashion ~10 min). Prints a markdown table; bench/RESULTS.md has
 the figures.
 """
 
@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="no warm start (by default the model blessed after each step seeds the next training, "
                              "as the nightly flow does, and -1% is trained once more from nothing to compare)")
+    parser.add_argument("--warm-epochs", type=int, default=None,
+                        help="train.warm_start_epochs for this run (default: params.yaml's)")
     parser.add_argument("--out", default=None, help="the figures as JSON (default: incremental-<dataset>.json in the benchmark folder)")
     args = parser.parse_args()
 
@@ -206,6 +208,8 @@ def main() -> None:
     raw = repo / "data" / "raw" / args.dataset
     shutil.copytree(big, raw, ignore=shutil.ignore_patterns(".done"), copy_function=os.link)
     set_params(repo, {"ingest.source": f"data/raw/{args.dataset}", **params})
+    if args.warm_epochs:
+        set_params(repo, {"train.warm_start_epochs": args.warm_epochs})
     # the benchmark's own ingest facts cache and train cache, empty at the start
     set_params(repo, {"runtime.ingest_cache_dir": str(work / "cache" / "ingest"),
                       "runtime.train_cache_dir": str(work / "cache" / "train")})
