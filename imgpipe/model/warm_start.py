@@ -9,10 +9,10 @@ of any commit trains from the same weights and gives the same model:
 - train (train.warm_start, on by default) then loads those weights and runs only its last phase
   (fine-tuning if there is one, else phase 1) for train.warm_start_epochs epochs. With no model
   there (a fresh project, a run at a desk), or one that does not fit (other classes, another
-  backbone or size), it trains from nothing and says why.
+  backbone), it trains from nothing and says why.
 
-To train from nothing again: delete the folder's model (`dvc remove <folder>/model.keras.dvc`
-and warm_start.json) and commit, or set train.warm_start: false.
+To train from nothing again: `dvc remove <folder>/model.keras.dvc`, delete model.keras and
+warm_start.json there, and commit; or set train.warm_start: false.
 """
 
 from __future__ import annotations
