@@ -242,6 +242,17 @@ class Train:
     def augments_phase1(self) -> bool:
         return self.augments and self.augment_in_phase1
 
+    @property
+    def phase1_flip(self) -> str | None:
+        """The flip of phase 1 ("none" when it does not augment), or None when it augments beyond flips.
+
+        A frozen backbone's features of a flipped image are a second fixed view of it, which the
+        embedding cache can hold; any other augmentation makes new pixels every epoch."""
+        if not self.augments_phase1:
+            return "none"
+        only_flip = not dataclasses.replace(self, augment_flip="none").augments
+        return self.augment_flip if only_flip else None
+
     def check(self) -> None:
         smallest = 8 if self.backbone in ("lenet", "cnn", "auto") else 32
         if self.backbone_size < smallest:

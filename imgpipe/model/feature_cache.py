@@ -3,11 +3,15 @@
 A frozen backbone computes the same features every epoch and every run. When phase 1 has no
 augmentation, `train` computes them once per image and trains the head on them: a head-only
 experiment (`dvc exp run -S train.learning_rate=...`) then costs seconds instead of a pass of
-the backbone over every image in every epoch.
+the backbone over every image in every epoch. A flip (the default augmentation of photos) is
+one more view of each image, with its own cache file: the head then sees each image in one of
+its two views, drawn each epoch, which is what a random flip before a frozen backbone shows it.
+Any other augmentation makes new pixels every epoch, and phase 1 runs on the images.
 
 Cache entries are keyed by (image id, what computes the features): the key of a cache file
 hashes the extractor's weights (which pins the backbone and its ImageNet, file or hub weights),
-the backbone settings, and the preprocessing that made the pixels. One file per key:
+the backbone settings, the preprocessing that made the pixels, and the view (when it is not the
+image itself). One file per key:
 
     <train.cache_dir>/embeddings/<key>.npy    rows of (id, features float32[d]), in no order
     <train.cache_dir>/embeddings/<key>.json   what the key stands for (for people)
@@ -44,6 +48,10 @@ from imgpipe.core.errors import StageError
 log = logging.getLogger(__name__)
 
 ID_DTYPE = "S64"  # sha1 ids are 40 characters; room for sha256
+# The views of an image that a phase-1 flip (train.augment_flip) shows the backbone: the image
+# itself, and the image flipped along these axes of (height, width, channels). As Keras'
+# RandomFlip does, horizontal_and_vertical flips both axes or neither (one draw per image).
+VIEWS = {"none": ((),), "horizontal": ((), (1,)), "vertical": ((), (0,)), "horizontal_and_vertical": ((), (0, 1))}
 COPY_ROWS = 65536  # rows copied at a time when a cache file is extended
 PARSE_BATCH = 128  # records parsed at a time (one op per batch is fast, bench/RESULTS.md)
 
@@ -88,9 +96,10 @@ class FeatureCache:
 
 
 def update(path: Path, extractor, folder: Path, meta: dict, splits: tuple[str, ...], ids: np.ndarray,
-           batch_size: int, runner=None) -> FeatureCache:
+           batch_size: int, runner=None, view: tuple[int, ...] = ()) -> FeatureCache:
     """The cache at `path` holding features of all `ids` (images of `splits`): computes the missing ones,
-    one shard file at a time, on `runner`'s Dask workers if it is given one (a `Batches` on Dask)."""
+    one shard file at a time, on `runner`'s Dask workers if it is given one (a `Batches` on Dask).
+    `view`: the axes each image is flipped along before the backbone sees it (one of VIEWS')."""
     cache = FeatureCache(path)
     missing = np.unique(np.asarray(ids, ID_DTYPE)[cache.rows(ids) < 0])
     log.info("embedding cache %s: %d of %d images cached, computing %d", path.name, len(ids) - len(missing),
@@ -104,7 +113,7 @@ def update(path: Path, extractor, folder: Path, meta: dict, splits: tuple[str, .
             in_file = np.asarray(file_ids(file, shape), ID_DTYPE)
             wanted = in_file[np.isin(in_file, missing)]
             if len(wanted):
-                jobs.append((os.path.abspath(file), shape, wanted, batch_size))
+                jobs.append((os.path.abspath(file), shape, wanted, batch_size, tuple(view)))
 
     old, dim = len(cache), int(extractor.output_shape[-1])
     dtype = np.dtype([("id", ID_DTYPE), ("features", np.float32, (dim,))])
@@ -137,8 +146,10 @@ def file_ids(file: str, shape: dict) -> np.ndarray:
     return np.concatenate([np.zeros(0, ID_DTYPE)] + [b["id"].astype(ID_DTYPE) for b in ds.as_numpy_iterator()])
 
 
-def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size: int, data: bytes | None = None):
-    """(ids, features) of the images of shard `file` whose id is in `wanted`, in file order.
+def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size: int, view: tuple[int, ...] = (),
+               data: bytes | None = None):
+    """(ids, features) of the images of shard `file` whose id is in `wanted`, in file order, each
+    image flipped along the axes `view` (of height, width, channels) first.
 
     `extractor` is a Keras model, or what `portable` made of one (rebuilt once per process). The
     images go to the backbone in batches of `batch_size` made the same way wherever this runs,
@@ -151,7 +162,7 @@ def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size
         with tempfile.TemporaryDirectory(prefix="imgpipe-shard-") as tmp:
             copy = Path(tmp) / Path(file).name
             copy.write_bytes(data)
-            return embed_file(extractor, str(copy), shape, wanted, batch_size)
+            return embed_file(extractor, str(copy), shape, wanted, batch_size, view)
     if isinstance(extractor, tuple):
         extractor = _rebuilt(*extractor)
     parse = shards.parse_batch(shape, ("image", "id"))
@@ -166,7 +177,7 @@ def embed_file(extractor, file: str, shape: dict, wanted: np.ndarray, batch_size
     for batch in tf.data.TFRecordDataset([file]).batch(PARSE_BATCH).map(parse).as_numpy_iterator():
         keep = np.isin(batch["id"].astype(ID_DTYPE), wanted)
         ids.append(batch["id"][keep].astype(ID_DTYPE))
-        images.append(batch["image"][keep])
+        images.append(np.flip(batch["image"][keep], [axis + 1 for axis in view]) if view else batch["image"][keep])
         kept += int(keep.sum())
         while kept >= batch_size:
             flush()
@@ -180,9 +191,10 @@ def _file_bytes(job: tuple) -> bytes:
     return Path(job[0]).read_bytes()
 
 
-def embed_sent(extractor, data: bytes, file: str, shape: dict, wanted: np.ndarray, batch_size: int):
+def embed_sent(extractor, data: bytes, file: str, shape: dict, wanted: np.ndarray, batch_size: int,
+               view: tuple[int, ...] = ()):
     """embed_file on a worker that was sent the file's bytes (`Batches.map(..., sent=...)`)."""
-    return embed_file(extractor, file, shape, wanted, batch_size, data)
+    return embed_file(extractor, file, shape, wanted, batch_size, view, data)
 
 
 def portable(extractor) -> tuple[str, str, list[np.ndarray]] | None:
@@ -235,22 +247,42 @@ def _computed(jobs: list[tuple], extractor, runner):
              dict(runner.where))
 
 
-def head_dataset(cache: FeatureCache, rows: np.ndarray, labels: np.ndarray, batch_size: int,
-                 shuffle_seed: int | None = None):
+def head_dataset(views, rows: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
     """Batches of (features, label) for the head; with `shuffle_seed`, a new full shuffle every epoch.
 
-    Only row numbers and labels are held in memory (and shuffled); the features of each batch
-    are read from the memory-mapped cache file as the batch is made.
+    `views`: one FeatureCache, or one per view of the images (VIEWS), with `rows` then [n, views]:
+    each image's row in each. With more than one and a `shuffle_seed`, every image is seen in one
+    of its views, drawn anew each epoch with equal chances, as a random flip would show it;
+    without a seed (validation), always in the first. Only row numbers and labels are held in
+    memory (and shuffled); the features of each batch are read from the memory-mapped cache
+    files as the batch is made.
     """
     import tensorflow as tf
 
-    dim = cache.table["features"].shape[1]
+    views = [views] if isinstance(views, FeatureCache) else list(views)
+    rows = np.asarray(rows).reshape(len(rows), -1)
+    if rows.shape[1] != len(views):
+        raise ValueError(f"rows has {rows.shape[1]} columns for {len(views)} views")
+    dim = views[0].table["features"].shape[1]
     ds = tf.data.Dataset.from_tensor_slices((rows, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(rows), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if shuffle_seed is not None and len(views) > 1:
+        draws = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, draws).map(
+            lambda pair, draw: ((tf.math.floormod(draw, len(views)), pair[0]), pair[1]))
+    else:
+        ds = ds.map(lambda row, label: ((tf.constant(0, tf.int64), row), label))
 
-    def features(batch_rows, batch_labels):
-        x = tf.numpy_function(cache.gather, [batch_rows], tf.float32, stateful=False)
+    def gather(view, row):
+        out = np.empty((len(row), dim), np.float32)
+        for v in np.unique(view):
+            picked = view == v
+            out[picked] = views[v].gather(row[picked, v])
+        return out
+
+    def features(batch, batch_labels):
+        x = tf.numpy_function(gather, list(batch), tf.float32, stateful=False)
         return tf.ensure_shape(x, [None, dim]), batch_labels
 
     return ds.batch(batch_size).map(features).prefetch(tf.data.AUTOTUNE)

@@ -218,26 +218,32 @@ def cached_datasets(clf: Classifier, train: Train, seed: int, paths: Paths, meta
         "preprocess": meta["preprocess"],
         "shards": {k: meta.get(k) for k in ("height", "width", "channels", "mean", "std")},
     }
-    key = feature_cache.cache_key(clf.extractor.get_weights(), description)
-    path = Path(runtime.train_cache_dir) / "embeddings" / f"{key}.npy"
+    train_ids, train_labels = ids["train"]
+    weights = clf.extractor.get_weights()
     every_id = np.concatenate([split_ids for split_ids, _ in ids.values()])
     on_dask = runtime.executor == "dask"
+    caches = []  # one per view: the images as they are (train and val), then each flip (train only)
     with Batches("dask", runtime.workers or available_cores(), runtime.scheduler) if on_dask \
             else contextlib.nullcontext() as runner:
-        cache = feature_cache.update(path, clf.extractor, folder, meta, splits, every_id, train.batch_size, runner)
-    feature_cache.describe(key, description, path)
+        for view in feature_cache.VIEWS[train.phase1_flip]:
+            described = {**description, "view": list(view)} if view else description
+            key = feature_cache.cache_key(weights, described)
+            path = Path(runtime.train_cache_dir) / "embeddings" / f"{key}.npy"
+            view_ids, view_splits = (every_id, splits) if not view else (train_ids, ("train",))
+            caches.append(feature_cache.update(path, clf.extractor, folder, meta, view_splits, view_ids,
+                                               train.batch_size, runner, view))
+            feature_cache.describe(key, described, path)
 
-    train_ids, train_labels = ids["train"]
     times = np.array([copies.get(i.decode(), 0) for i in train_ids])
     if times.sum() != sum(copies.values()):
         raise StageError(f"{paths.rebalance}/copies.csv and the shards list different training images; "
                          "re-run preprocess and rebalance (dvc repro)")
-    rows = np.repeat(cache.rows(train_ids), times)
-    train_ds = feature_cache.head_dataset(cache, rows, np.repeat(train_labels, times), train.batch_size, seed)
+    rows = np.repeat(np.stack([cache.rows(train_ids) for cache in caches], axis=1), times, axis=0)
+    train_ds = feature_cache.head_dataset(caches, rows, np.repeat(train_labels, times), train.batch_size, seed)
     val_ds = None
     if "val" in ids:
         val_ids, val_labels = ids["val"]
-        val_ds = feature_cache.head_dataset(cache, cache.rows(val_ids), val_labels, train.batch_size)
+        val_ds = feature_cache.head_dataset(caches[0], caches[0].rows(val_ids), val_labels, train.batch_size)
     return train_ds, val_ds
 
 
@@ -453,18 +459,25 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         # a warm start runs only the last phase, for fewer epochs (imgpipe/model/warm_start.py)
         head_epochs, tune_epochs = train.epochs, train.fine_tune_epochs
         warm = warm_start.load_into(clf.model, paths.warm_start, meta["classes"]) if train.warm_start else None
+        schedule = train
         if warm is not None:
             head_epochs, tune_epochs = (0, train.warm_start_epochs) if tune_epochs else (train.warm_start_epochs, 0)
+            # no warm-up from a trained model: it only spends the few epochs at a low rate (on
+            # flowers x5, 2 epochs: 65.4% test accuracy without, 64.7% with; bench/RESULTS.md)
+            schedule = dataclasses.replace(train, warmup_epochs=0.0)
             log.info("warm start from %s (md5 %s, blessed %s): %s only, %d epochs", Path(paths.warm_start),
                      warm["md5"], warm.get("blessed_at"), "fine-tuning" if tune_epochs else "phase 1",
                      train.warm_start_epochs)
         best = BestCheckpoint(clf.model, run_dir, "val_loss" if has_val else "loss")
-        cached = train.embedding_cache and train.pretrained and not train.augments_phase1
+        # phase 1 on cached features: a frozen backbone, and no augmentation there but flips
+        cached = train.embedding_cache and train.pretrained and train.phase1_flip is not None
         if cached and cluster is not None:
             # Every worker would compute the features of every image and write the same cache
             # file, and the cached features are one in-memory array, not shard files to split.
             log.info("train.embedding_cache: off for multi-worker training; phase 1 runs on the images")
             cached = False
+        phase_one_input = "images" if not cached else "cached features" if train.phase1_flip == "none" \
+            else f"cached features of the images and of their {train.phase1_flip} flips"
         per_epoch = sum(copies.values())
         steps = -(-per_epoch // train.batch_size)
         # multi-worker: the workers' streams are endless, fit() is told the steps of an epoch
@@ -474,7 +487,7 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
             "%d device(s), %s; phase 1 on %s",
             "resuming " if (run_dir / TRAIN_LOG).is_file() else "", train.backbone, train.weights, per_epoch,
             plan.get("method"), steps, train.batch_size, counts.get("val", 0),
-            strategy.num_replicas_in_sync, clf.model.dtype_policy.name, "cached features" if cached else "images",
+            strategy.num_replicas_in_sync, clf.model.dtype_policy.name, phase_one_input,
         )
 
         # Phase 1: the head on the frozen backbone (lenet: the whole network). Its end is
@@ -491,7 +504,7 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
             else:
                 augmented = train.augments_phase1
                 (data, val), fitted = image_data(augmented), clf.training if augmented else clf.model
-            compile_for_training(fitted, train.learning_rate, train, steps, head_epochs)
+            compile_for_training(fitted, train.learning_rate, schedule, steps, head_epochs)
             if cluster is not None:
                 clusters.adapt_for_fit(fitted)
             phase = "head" if train.pretrained else "scratch"
@@ -504,7 +517,7 @@ def train_phases(train: Train, seed: int, paths: Paths, meta: dict, plan: dict, 
         # (large updates would destroy the pretrained features the head was fitted to).
         if tune_epochs:
             backbones.unfreeze_top(clf.backbone.network, train.fine_tune_layers)
-            compile_for_training(clf.training, train.fine_tune_learning_rate, train, steps, tune_epochs)
+            compile_for_training(clf.training, train.fine_tune_learning_rate, schedule, steps, tune_epochs)
             if cluster is not None:
                 clusters.adapt_for_fit(clf.training)
             data, val = image_data(train.augments)

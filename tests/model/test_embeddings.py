@@ -141,3 +141,69 @@ def test_a_worker_rebuilds_the_extractor_from_its_config_and_weights_with_the_sa
     other = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 2)(inputs)))
     assert feature_cache.portable(other)[0] != spec[0]
     assert feature_cache.embed_file(feature_cache.portable(other), file, shape, wanted, 3)[1].tobytes() != there.tobytes()
+
+
+def write_random_shards(folder, n, seed=0):
+    """One shard split of n random 4x6 RGB images (no symmetry, so that a flip changes them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, written = rng.integers(0, 256, (n, 4, 6, 3)).astype(np.float32), []  # exact in float16 shards
+    with ShardWriter(folder, "train", per_shard=5) as writer:
+        for i, image in enumerate(images):
+            image_id = hashlib.sha1(str(i).encode()).hexdigest()
+            writer.write(image, i % 2, image_id, f"{i}.png")
+            written.append(image_id)
+    meta = {"height": 4, "width": 6, "channels": 3, "files": {"train": writer.files}, "counts": {"train": n}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return meta, images, ids(*written)
+
+
+@pytest.mark.parametrize("flip, axes", [("horizontal", (2,)), ("vertical", (1,)), ("horizontal_and_vertical", (1, 2))])
+def test_a_flipped_view_holds_the_features_of_the_flipped_images_here_and_on_a_worker(tmp_path, flip, axes):
+    meta, images, train_ids = write_random_shards(tmp_path / "shards", 12)
+    inputs = keras.Input((4, 6, 3))
+    extractor = keras.Model(inputs, keras.layers.Flatten()(keras.layers.Conv2D(2, 2)(inputs)))
+    (_, view) = feature_cache.VIEWS[flip]
+    cache = feature_cache.update(tmp_path / "f.npy", extractor, tmp_path / "shards", meta, ("train",), train_ids, 4,
+                                 view=view)
+    flipped = np.flip(images, axes)
+    np.testing.assert_allclose(cache.gather(cache.rows(train_ids)), extractor.predict_on_batch(flipped), rtol=1e-5)
+    assert not np.allclose(cache.gather(cache.rows(train_ids)), extractor.predict_on_batch(images), rtol=1e-3)
+    # what a Dask worker computes from the extractor's config and weights: the same bytes
+    file = str(tmp_path / "shards" / meta["files"]["train"][0])
+    shape = {k: meta[k] for k in ("height", "width", "channels")}
+    here = feature_cache.embed_file(extractor, file, shape, train_ids, 4, view)[1]
+    there = feature_cache.embed_sent(feature_cache.portable(extractor), open(file, "rb").read(), file, shape,
+                                     train_ids, 4, view)[1]
+    assert here.tobytes() == there.tobytes() and len(here) == 5
+
+
+def test_with_two_views_each_image_is_seen_in_one_drawn_anew_every_epoch(tmp_path):
+    """The plain view's features are the pixel value v, the flipped view's are 1000 + v (a stand-in
+    extractor that tells them apart): each batch row is one of its image's two, about half each."""
+    meta, written = write_shards(tmp_path / "shards", {"train": 60})
+    train_ids = ids(*(i for i, _ in written["train"]))
+    plain = feature_cache.update(tmp_path / "a.npy", CountingExtractor(), tmp_path / "shards", meta, ("train",),
+                                 train_ids, 8)
+
+    class Shifted(CountingExtractor):
+        def predict_on_batch(self, images):
+            return images.mean(axis=(1, 2)) + 1000
+
+    flipped = feature_cache.update(tmp_path / "b.npy", Shifted(), tmp_path / "shards", meta, ("train",),
+                                   train_ids[::-1], 8)  # another order of rows in its file
+    rows = np.stack([plain.rows(train_ids), flipped.rows(train_ids)], axis=1)
+    labels = np.array([v for _, v in written["train"]])
+    ds = feature_cache.head_dataset([plain, flipped], rows, labels, batch_size=8, shuffle_seed=5)
+    seen = []
+    for _ in range(2):
+        x, y = map(np.concatenate, zip(*[(x[:, 0], y) for x, y in ds.as_numpy_iterator()]))
+        assert sorted(y.tolist()) == sorted(labels.tolist())
+        assert np.all((x == y) | (x == y + 1000))  # each image's own features, in one of its views
+        assert 15 <= int((x >= 1000).sum()) <= 45
+        seen.append(dict(zip(y.tolist(), (x >= 1000).tolist())))
+    assert seen[0] != seen[1]  # the views are drawn again each epoch
+    # without a seed (validation): the images as they are
+    val = np.concatenate([x[:, 0] for x, _ in
+                          feature_cache.head_dataset([plain, flipped], rows, labels, 8).as_numpy_iterator()])
+    np.testing.assert_array_equal(val, labels)

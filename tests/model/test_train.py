@@ -91,11 +91,32 @@ def fitted_models(monkeypatch) -> list[list[str]]:
     return seen
 
 
-def test_augmentation_in_phase1_bypasses_the_cache(data, tmp_path, monkeypatch):
+def test_augmentation_in_phase1_beyond_flips_bypasses_the_cache(data, tmp_path, monkeypatch):
     seen = fitted_models(monkeypatch)
-    run_stage(train, params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal"))
+    run_stage(train, params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal",
+                                augment_rotation=10.0))
     assert not (tmp_path / "cache" / "embeddings").exists()
     assert len(seen) == 1 and "augment" in seen[0]
+
+
+def test_a_flip_in_phase1_trains_the_head_on_cached_features_of_both_views(data, tmp_path, monkeypatch, caplog):
+    """The default photo training (a flip in phase 1): the images' features and their flips' are
+    cached, the flips' for the training images only, and the head trains on them."""
+    caplog.set_level(logging.INFO)
+    seen = fitted_models(monkeypatch)
+    params = params_for(data, tmp_path, epochs=2, backbone_size=32, augment_flip="horizontal")
+    train.run(params.train, params.paths, params.base, params.runtime)
+    assert seen == [["features", "dropout", "classes"]]
+    views = {tuple(json.loads(f.with_suffix(".json").read_text()).get("view", ())): len(np.load(f, mmap_mode="r"))
+             for f in (tmp_path / "cache" / "embeddings").glob("*.npy")}
+    assert views == {(): 3 * (PER_CLASS["train"] + PER_CLASS["val"]), (1,): 3 * PER_CLASS["train"]}
+    assert "phase 1 on cached features of the images and of their horizontal flips" in caplog.text
+    assert read_log(params)["phase"].tolist() == ["head", "head"]
+    # a second run computes nothing
+    caplog.clear()
+    run_stage(train, params_for(data, tmp_path, epochs=1, backbone_size=32, augment_flip="horizontal",
+                                learning_rate=0.01))
+    assert caplog.text.count("computing 0") == 2
 
 
 def test_augmentation_kept_for_fine_tuning_leaves_phase1_the_cache(data, tmp_path, monkeypatch):

@@ -70,13 +70,15 @@ def test_a_warm_start_begins_from_the_seeded_weights_and_runs_phase1_only_for_it
     assert len(read_log(params_for(data, tmp_path / "cold"))) == 6
 
 
-def test_with_fine_tuning_a_warm_start_runs_the_fine_tuning_only(data, blessed, tmp_path):  # noqa: F811
+def test_with_fine_tuning_a_warm_start_runs_the_fine_tuning_only_without_warm_up(data, blessed, tmp_path):  # noqa: F811
     seed(blessed, tmp_path / "warm_start", CLASSES)
     trained(data, tmp_path, epochs=3, fine_tune_layers=4, fine_tune_epochs=5, fine_tune_learning_rate=1e-4,
-            warm_start_epochs=1)
+            warm_start_epochs=2, lr_schedule="cosine", warmup_epochs=1.0)
     log = read_log(params_for(data, tmp_path))
-    assert log["phase"].tolist() == ["fine_tune"]
-    assert log["learning_rate"].tolist() == pytest.approx([1e-4])
+    assert log["phase"].tolist() == ["fine_tune", "fine_tune"]
+    # the rate at each epoch's end: cosine from the peak, half-way down after one of two epochs
+    # (warmup_epochs 1 would have put the peak there)
+    assert log["learning_rate"].tolist() == pytest.approx([5e-5, 0.0], abs=1e-9)
 
 
 def test_a_warm_start_that_does_not_fit_trains_from_nothing_and_says_why(data, blessed, tmp_path, caplog):  # noqa: F811
