@@ -21,7 +21,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from imgpipe.core.params import load_params
+from imgpipe.core.params import PARAMS_FILE, load_params
 
 DATA_QUALITY_KEY = "data-quality"
 METRICS_KEY = "metrics"
@@ -102,7 +102,7 @@ def publish_data_quality(repo: str) -> UUID | None:
     # imported here: the report module pulls in OpenCV and matplotlib, for two names
     from imgpipe.reports.data_quality import HTML_PAGE, PAGE
 
-    page = Path(repo) / load_params(Path(repo) / "params.yaml").paths.data_quality / PAGE
+    page = Path(repo) / load_params(Path(repo) / PARAMS_FILE).paths.data_quality / PAGE
     text = _read(page)
     if text is None:
         return None
@@ -123,7 +123,7 @@ def publish_metrics(repo: str) -> UUID | None:
     # imported here: the report module pulls in OpenCV and matplotlib, for two names
     from imgpipe.reports.evaluation import FOLDER, INDEX
 
-    reports = Path(repo) / load_params(Path(repo) / "params.yaml").paths.reports
+    reports = Path(repo) / load_params(Path(repo) / PARAMS_FILE).paths.reports
     text = _read(reports / "metrics.json")
     if text is None:
         return None

@@ -31,13 +31,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_cli import dvc_env, run_dvc
 from flows.scaleout import task_runner, worker_address
+from imgpipe.core.params import PARAMS_FILE
 
 ARTIFACT_KEY = "experiments"
 # what `dvc exp run --queue` prints once the experiment is in the queue
 QUEUED = re.compile(r"Queued experiment '([^']+)' for future execution")
 # what `dvc exp run` prints once an experiment ran and was saved
 RAN = re.compile(r"Ran experiment\(s\): (\S+)")
-PARAMS_FILE = "params.yaml"
 
 
 class ExperimentFailed(RuntimeError):

@@ -23,12 +23,10 @@ from flows.dvc_cli import run_dvc_when_free
 from flows.versioning import VersioningError, run_label, commit
 from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.hashing import file_hexdigest
-from imgpipe.core.params import load_params
+from imgpipe.core.params import PARAMS_FILE, ParamsError, params_from_dict
 from imgpipe.evaluation.gate import read_blessed
 from imgpipe.model import shards
 from imgpipe.model.warm_start import MODEL, RECORD, read_record
-
-PARAMS_FILE = "params.yaml"
 
 
 def seed(root: Path, model: str, blessed_file: str, shards_folder: str, folder: str, log) -> dict | None:
@@ -69,7 +67,10 @@ def refresh_warm_start(repo: str, lock_timeout: float) -> str | None:
     if "train" not in raw:
         logger.info("warm start: %s has no train section; nothing to seed", PARAMS_FILE)
         return None
-    params = load_params(root / PARAMS_FILE)
+    try:
+        params = params_from_dict(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{root / PARAMS_FILE}: {exc}") from None
     if not params.train.warm_start:
         logger.info("warm start: off (train.warm_start: false)")
         return None

@@ -243,13 +243,13 @@ def flow_shard_stats(
     """Per-split statistics of the training shards, one Dask task per shard, checked against
     their meta.json; printed as JSON."""
     from imgpipe.core.errors import StageError
-    from imgpipe.core.params import ParamsError, load_params
+    from imgpipe.core.params import PARAMS_FILE, ParamsError, load_params
 
     if address and ctx.get_parameter_source("workers").name != "DEFAULT":
         raise typer.BadParameter("give --workers (a local cluster) or --address (an existing one), not both",
                                  param_hint="'--address'")
     try:
-        folder = repo / load_params(repo / "params.yaml").paths.shards
+        folder = repo / load_params(repo / PARAMS_FILE).paths.shards
     except ParamsError as exc:
         _fail(f"shard statistics failed: {exc}")
     from flows.scaleout import shard_stats, task_runner

@@ -440,7 +440,11 @@ def params_from_dict(data: dict) -> Params:
     return _build(Params, data, "")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+# every knob of the pipeline, in the repository's root (DVC reads it there too)
+PARAMS_FILE = "params.yaml"
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the project root)")

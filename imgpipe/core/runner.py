@@ -17,7 +17,7 @@ from types import ModuleType
 import psutil
 
 from imgpipe.core.errors import StageError
-from imgpipe.core.params import Params, ParamsError, load_params
+from imgpipe.core.params import PARAMS_FILE, Params, ParamsError, load_params
 
 
 def run_stage(stage: ModuleType, params: Params) -> None:
@@ -31,7 +31,7 @@ def stage_main(stage: ModuleType, argv: list[str] | None = None) -> int:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=PARAMS_FILE, help=f"params file (default: {PARAMS_FILE})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{name}: %(message)s")
     started, cpu = time.perf_counter(), time.process_time()

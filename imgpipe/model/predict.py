@@ -31,7 +31,7 @@ from imgpipe.model import loading
 from imgpipe.model import shards
 from imgpipe.core.errors import StageError
 from imgpipe.model.export import MODEL, PREPROCESS, spec_preprocess
-from imgpipe.core.params import ParamsError, Preprocess, load_params
+from imgpipe.core.params import PARAMS_FILE, ParamsError, Preprocess, load_params
 from imgpipe.images.transforms import normalize, transform
 
 BATCH_SIZE = 64
@@ -149,6 +149,6 @@ def _digits(value) -> str:
 
 def default_model_dir() -> str:
     try:
-        return load_params("params.yaml").evaluate.export_dir
+        return load_params(PARAMS_FILE).evaluate.export_dir
     except ParamsError as exc:  # outside the project folder, or a broken params.yaml
         raise PredictError(f"cannot tell where the exported model is ({exc}); pass --model DIR") from None
