@@ -101,8 +101,6 @@ def pipeline(
     repository; then the run fails, naming that process, before the command starts.
     """
     repo = str(Path(repo).resolve())
-    stages = stage_order(repo)
-    get_run_logger().info("stages in order: %s", ", ".join(stages))
     if version_data:
         check_worktree(repo)
         version = version_raw_data.with_options(
@@ -113,6 +111,9 @@ def pipeline(
         if version(repo, lock_timeout_seconds):
             # new raw data: the next training starts from the last blessed model (flows/warm_start.py)
             refresh_warm_start(repo, lock_timeout_seconds)
+    # read after versioning, so that the .dvc files it added (the warm start's) are stages too
+    stages = stage_order(repo)
+    get_run_logger().info("stages in order: %s", ", ".join(stages))
     results = {}
     # One stage at a time: `dvc repro` locks the repository, so two stages cannot run side by
     # side, and calling the task directly raises at the first failure, so no later stage starts.
