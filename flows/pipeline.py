@@ -6,9 +6,9 @@ up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, sched
 (the data-quality summary after `validate`, the test metrics after `evaluate`: flows/artifacts.py).
 
 With `version_data` (the nightly deployment's default) a run first versions new raw data with
-`dvc add` and git, then (on new data, train.warm_start on) the last blessed model as the next
-training's starting point (flows/warm_start.py), and commits dvc.lock after its stages
-(flows/versioning.py): each run is a commit. Every DVC command waits while another process
+`dvc add` and git, then (on raw data new since the last recorded run, train.warm_start on) the
+last blessed model as the next training's starting point (flows/warm_start.py), and commits
+dvc.lock after its stages (flows/versioning.py): each run is a commit. Every DVC command waits while another process
 works in the repository (a `dvc repro` at a desk), up to `lock_timeout_seconds`
 (flows/dvc_cli.py), rather than failing half-way.
 
@@ -94,8 +94,9 @@ def pipeline(
     A failing stage fails its task run and the flow run; no later stage starts.
 
     `version_data`: first refuse uncommitted work, `dvc add` the raw data and commit its `.dvc`
-    files; when that found new data, seed the warm start with the last blessed model and commit
-    it (flows/warm_start.py); after the stages, commit dvc.lock and the outputs git keeps
+    files; when raw data changed since the last commit of dvc.lock (just now, or by hand), seed
+    the warm start with the last blessed model and commit it (flows/warm_start.py); after the
+    stages, commit dvc.lock and the outputs git keeps
     (flows/versioning.py).
     Each DVC command waits up to `lock_timeout_seconds` while another process works in the
     repository; then the run fails, naming that process, before the command starts.
@@ -108,9 +109,10 @@ def pipeline(
             retry_delay_seconds=exponential_backoff(retry_delay_seconds),
             retry_condition_fn=_not_busy,
         )
-        if version(repo, lock_timeout_seconds):
-            # new raw data: the next training starts from the last blessed model (flows/warm_start.py)
-            refresh_warm_start(repo, lock_timeout_seconds)
+        version(repo, lock_timeout_seconds)
+        # when raw data changed since the last recorded run (versioned just now or committed by
+        # hand), the training starts from the last blessed model (flows/warm_start.py)
+        refresh_warm_start(repo, lock_timeout_seconds)
     # read after versioning, so that the .dvc files it added (the warm start's) are stages too
     stages = stage_order(repo)
     get_run_logger().info("stages in order: %s", ", ".join(stages))

@@ -56,6 +56,8 @@ class Tracked:
     records: frozenset[str]
     # the .gitignore files DVC writes entries in, next to each cached output and added path
     gitignores: frozenset[str]
+    # the dvc.lock files (among the records): what a run of the stages leaves
+    locks: frozenset[str] = frozenset()
 
     @property
     def owned(self) -> frozenset[str]:
@@ -65,14 +67,14 @@ class Tracked:
 
 def tracked(repo: str) -> Tracked:
     """What the DVC repository at `repo` versions, read with DVC's own API."""
-    data, records, gitignores = {}, set(), set()
+    data, records, gitignores, locks = {}, set(), set(), set()
     with Repo(repo) as dvc_repo:
         root = dvc_repo.root_dir
         for stage in dvc_repo.index.stages:
             outs = [out for out in stage.outs if out.is_in_repo]
             paths = [os.path.relpath(out.fs_path, root) for out in outs]
             if isinstance(stage, PipelineStage):
-                records.add(os.path.splitext(stage.path_in_repo)[0] + ".lock")
+                locks.add(os.path.splitext(stage.path_in_repo)[0] + ".lock")
             elif stage.is_data_source and not stage.deps:  # `dvc add`-ed; an import has a dep
                 data[stage.path_in_repo] = paths
                 records.add(stage.path_in_repo)
@@ -81,7 +83,7 @@ def tracked(repo: str) -> Tracked:
                     gitignores.add(os.path.join(os.path.dirname(path), ".gitignore"))
                 else:
                     records.add(path)
-    return Tracked(data, frozenset(records), frozenset(gitignores))
+    return Tracked(data, frozenset(records | locks), frozenset(gitignores), frozenset(locks))
 
 
 # --- git ------------------------------------------------------------------------------------
@@ -191,6 +193,20 @@ def _diff(repo: str, targets: list[str], lock_timeout: float) -> dict | None:
     if returncode != 0 or not found:
         return None
     return json.loads(found[-1])
+
+
+def data_changed_since_last_run(repo: str, found: Tracked, leave_out: frozenset[str] = frozenset()) -> tuple[list[str], str | None]:
+    """The `.dvc` files of `dvc add`-ed data (but `leave_out`) that changed in git since the last
+    commit of a dvc.lock file, i.e. data the last recorded run of the stages did not see, whether a
+    flow run or someone at a desk committed it; and that commit's id (None: no run recorded yet,
+    so every data file counts as changed)."""
+    top, prefix = _worktree(repo)
+    data = [str(PurePosixPath(prefix, f)) for f in sorted(found.data) if f not in leave_out]
+    locks = [str(PurePosixPath(prefix, f)) for f in sorted(found.locks)]
+    last = _git(top, "log", "-1", "--format=%h", "--", *locks).strip() if locks and data else ""
+    if not last:
+        return data, None
+    return _git(top, "diff", "--name-only", last, "HEAD", "--", *data).split(), last
 
 
 # --- the flow's tasks ------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The nightly flow's warm start: the last blessed model becomes the next training's starting point.
 
-When a versioning run (flows/versioning.py) found new raw data, and params.yaml has
-train.warm_start on, this task copies paths.model into paths.warm_start (imgpipe/model/warm_start.py
-says what train does with it) if it is the model the gate blessed last, `dvc add`s it and commits
-it with its record, before the stages run. So the commit the run trains on names the weights it
-starts from, and `dvc repro` of that commit trains the same model.
+When raw data changed since the last recorded run of the stages (the last commit of dvc.lock),
+whether this run's versioning step (flows/versioning.py) committed it or someone did at a desk,
+and params.yaml has train.warm_start on, this task copies paths.model into paths.warm_start
+(imgpipe/model/warm_start.py says what train does with it) if it is the model the gate blessed
+last, `dvc add`s it and commits it with its record, before the stages run. So the commit the run
+trains on names the weights it starts from, and `dvc repro` of that commit trains the same model.
 
 Only on new data: seeding on a night without any would change train's input and re-train for
 nothing. A repository whose params.yaml has no `train` section (not this pipeline) is left alone.
@@ -20,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_cli import run_dvc_when_free
-from flows.versioning import VersioningError, run_label, commit
+from flows.versioning import VersioningError, commit, data_changed_since_last_run, run_label, tracked
 from imgpipe.core.atomic_write import atomic_path, write_json
 from imgpipe.core.hashing import file_hexdigest
 from imgpipe.core.params import PARAMS_FILE, ParamsError, params_from_dict
@@ -75,10 +76,16 @@ def refresh_warm_start(repo: str, lock_timeout: float) -> str | None:
         logger.info("warm start: off (train.warm_start: false)")
         return None
     folder = params.paths.warm_start
+    target = f"{folder}/{MODEL}"
+    changed, last_run = data_changed_since_last_run(repo, tracked(repo), frozenset({f"{target}.dvc"}))
+    since = f"the last recorded run (commit {last_run})" if last_run else "no recorded run"
+    if not changed:
+        logger.info("warm start: no raw data changed since %s; nothing to seed", since)
+        return None
+    logger.info("warm start: raw data changed since %s: %s", since, ", ".join(changed))
     record = seed(root, params.paths.model, params.evaluate.blessed_file, params.paths.shards, folder, logger)
     if record is None:
         return None
-    target = f"{folder}/{MODEL}"
     returncode, tail = run_dvc_when_free(repo, ["add", "-q", target], logger.info, lock_timeout)
     if returncode != 0:
         raise VersioningError(f"dvc add {target} failed (exit code {returncode}):\n" + "\n".join(tail))

@@ -9,6 +9,7 @@ started at a desk, up to its bound. Then two pieces alone: the counts read from 
 a DVC repository in a sub-folder of the git one.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -88,6 +89,10 @@ def git(repo: Path, *args: str) -> str:
 
 def head(repo: Path) -> str:
     return git(repo, "rev-parse", "HEAD").strip()
+
+
+def short_head(repo: Path) -> str:
+    return git(repo, "log", "-1", "--format=%h").strip()
 
 
 def stage_statuses(client, flow_run_id, count: int) -> dict[str, str]:
@@ -349,6 +354,36 @@ def test_a_dvc_repository_in_a_sub_folder_of_the_git_one(tmp_path):
     assert versioning.commit(str(sub), set(found.owned), "again") is None  # nothing left of DVC's
 
 
+def test_data_changed_since_the_last_recorded_run_whoever_committed_it(tmp_path):
+    """What the warm start asks before it seeds: which `.dvc` files changed in git since the last
+    commit of dvc.lock, so that data committed at a desk counts as the flow's own versioning does."""
+    fresh = tmp_path / "fresh"
+    git_dvc_repo(fresh, {}, {})
+    (fresh / "data").mkdir()
+    (fresh / "data" / "a.txt").write_text("a\n")
+    dvc("add", "-q", "data", cwd=fresh)
+    commit(fresh, "data, no run yet")
+    assert versioning.data_changed_since_last_run(str(fresh), tracked(str(fresh))) == (["data.dvc"], None)
+
+    repo = make_repo(tmp_path / "repo")  # data and a run of the stages in one commit
+    assert versioning.data_changed_since_last_run(str(repo), tracked(str(repo))) == ([], short_head(repo))
+    new_photos(repo)
+    dvc("add", "-q", "data/raw", cwd=repo)
+    commit(repo, "photos, by hand")
+    (repo / "models").mkdir()
+    (repo / "models" / "start.txt").write_text("weights\n")
+    dvc("add", "-q", "models/start.txt", cwd=repo)
+    commit(repo, "another data source")
+    last_run = git(repo, "log", "-1", "--format=%h", "--", "dvc.lock").strip()
+    changed = versioning.data_changed_since_last_run(str(repo), tracked(str(repo)))
+    assert changed == (["data/raw.dvc", "models/start.txt.dvc"], last_run)
+    assert versioning.data_changed_since_last_run(str(repo), tracked(str(repo)), frozenset({"models/start.txt.dvc"})) == (
+        ["data/raw.dvc"], last_run)
+    dvc("repro", "-q", cwd=repo)
+    commit(repo, "the stages on the new photos")
+    assert versioning.data_changed_since_last_run(str(repo), tracked(str(repo))) == ([], short_head(repo))
+
+
 def test_the_deployment_on_the_real_pipeline_picks_up_new_photos_and_moves_no_image(prefect_api, client, tmp_path):
     """The seven real stages on real photos, run by the served deployment: new photos dropped into
     the raw folder are versioned, ingested and assigned by the next run; nothing assigned before
@@ -409,3 +444,26 @@ def test_the_deployment_on_the_real_pipeline_picks_up_new_photos_and_moves_no_im
         files_after = shard_files()
         assert [n for n in files_before if files_after.get(n) == files_before[n]], (files_before, files_after)
         assert git(repo, "status", "--porcelain") == ""
+
+        # photos versioned and committed at a desk, not by the flow: the next run finds nothing to
+        # version, and still seeds the warm start, since the last recorded run did not see them
+        second_run_commit = short_head(repo)
+        second_model = hashlib.md5((repo / "models" / "model.keras").read_bytes()).hexdigest()
+        second_blessed = json.loads((repo / "models" / "blessed.json").read_text())["blessed"][-1]["md5"] == second_model
+        for cls, n in SMALL.items():
+            for photo in sorted((ALL_FLOWERS / cls).glob("*.jpg"))[n + 22:n + 23]:
+                shutil.copy(photo, raw / cls / photo.name)
+        dvc("add", "-q", "data/raw/flowers-small", cwd=repo, env=env)
+        commit(repo, "two photos, by hand")
+        third = finished(client, client.create_flow_run_from_deployment(deployment.id).id, timeout=900)
+        assert third and third.state_type == StateType.COMPLETED, third and third.state
+        assert "raw data unchanged: nothing to commit" in logs_containing(client, third.id, "raw data unchanged")
+        changed = f"warm start: raw data changed since the last recorded run (commit {second_run_commit}): data/raw/flowers-small.dvc"
+        assert changed in logs_containing(client, third.id, changed)
+        assert stage_statuses(client, third.id, len(stage_names) + 2)["train"] == "ran"
+        if second_blessed:  # (the gate may hold back a model of this tiny test set)
+            record = json.loads((repo / "models" / "warm_start" / "warm_start.json").read_text())
+            assert record["md5"] == second_model
+            assert git(repo, "log", "--format=%s", "-2").splitlines()[1].startswith(f"Warm start: the model blessed {record['blessed_at']}")
+        else:
+            assert "is not the last blessed model" in logs_containing(client, third.id, "is not the last blessed model")
