@@ -8,9 +8,9 @@ up-to-date stage. Prefect adds what DVC lacks: retries, logs, run history, sched
 With `version_data` (the nightly deployment's default) a run first versions new raw data with
 `dvc add` and git, then (on raw data new since the last recorded run, train.warm_start on) the
 last blessed model as the next training's starting point (flows/warm_start.py), and commits
-dvc.lock after its stages (flows/versioning.py): each run is a commit. Every DVC command waits while another process
-works in the repository (a `dvc repro` at a desk), up to `lock_timeout_seconds`
-(flows/dvc_cli.py), rather than failing half-way.
+dvc.lock after its stages (flows/versioning.py): each run is a commit. Every DVC command waits
+while another process works in the repository (a `dvc repro` at a desk), up to
+`lock_timeout_seconds` (flows/dvc_cli.py), rather than failing half-way.
 
     imgpipe flow run [--repo PATH] [--retries N] [--retry-delay SECONDS] [--version-data]
                      [--lock-timeout SECONDS]

@@ -198,8 +198,8 @@ def _diff(repo: str, targets: list[str], lock_timeout: float) -> dict | None:
 def data_changed_since_last_run(repo: str, found: Tracked, leave_out: frozenset[str] = frozenset()) -> tuple[list[str], str | None]:
     """The `.dvc` files of `dvc add`-ed data (but `leave_out`) that changed in git since the last
     commit of a dvc.lock file, i.e. data the last recorded run of the stages did not see, whether a
-    flow run or someone at a desk committed it; and that commit's id (None: no run recorded yet,
-    so every data file counts as changed)."""
+    flow run or someone at a desk committed it (paths from the git work tree's top); and that
+    commit's id (None: no run recorded yet, so every data file counts as changed)."""
     top, prefix = _worktree(repo)
     data = [str(PurePosixPath(prefix, f)) for f in sorted(found.data) if f not in leave_out]
     locks = [str(PurePosixPath(prefix, f)) for f in sorted(found.locks)]
