@@ -57,7 +57,7 @@ class Tracked:
     # the .gitignore files DVC writes entries in, next to each cached output and added path
     gitignores: frozenset[str]
     # the dvc.lock files (among the records): what a run of the stages leaves
-    locks: frozenset[str] = frozenset()
+    locks: frozenset[str]
 
     @property
     def owned(self) -> frozenset[str]:
